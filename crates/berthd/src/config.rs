@@ -1,0 +1,162 @@
+//! `berth.toml`: every setting with its default, so that no config file is needed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Persistent data: content, snapshots, metadata.
+    pub root: PathBuf,
+    /// Volatile state: sockets, bundles, namespace pins.
+    pub state: PathBuf,
+    /// The CRI unix socket.
+    pub listen: PathBuf,
+    /// Log filter (`info`, `debug`, `berth_image=debug,info`, ...).
+    pub log_level: String,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
+    /// Image pulls.
+    pub image: ImageSection,
+    /// Registry mirrors and plain-HTTP hosts.
+    pub registry: RegistrySection,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` to serve `/metrics` on; empty disables it.
+    pub address: String,
+}
+
+/// `[image]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageSection {
+    /// Layers of one pull downloaded at once.
+    pub max_concurrent_downloads: usize,
+}
+
+/// `[registry]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySection {
+    /// Hosts (`host:port`) spoken to over plain HTTP; loopback hosts always are.
+    pub insecure: Vec<String>,
+    /// Per registry host, mirror endpoints tried in order before the host itself.
+    pub mirrors: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/var/lib/berth"),
+            state: PathBuf::from("/run/berth"),
+            listen: PathBuf::from("/run/berth/berth.sock"),
+            log_level: "info".to_string(),
+            metrics: MetricsConfig::default(),
+            image: ImageSection::default(),
+            registry: RegistrySection::default(),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { address: "127.0.0.1:9464".to_string() }
+    }
+}
+
+impl Default for ImageSection {
+    fn default() -> Self {
+        Self { max_concurrent_downloads: 3 }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file is an error (the user named it).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("invalid config file {}", path.display()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The default configuration as a commented TOML document.
+    pub fn default_toml() -> anyhow::Result<String> {
+        let body = toml::to_string_pretty(&Config::default())?;
+        Ok(format!(
+            "# berth.toml: the configuration of berthd. Every key is optional; these are the defaults.\n\
+             # [registry.mirrors] maps a registry host to mirror endpoints tried in order, e.g.\n\
+             #   \"docker.io\" = [\"http://127.0.0.1:5001\"]\n\
+             \n{body}"
+        ))
+    }
+
+    /// The metrics address, or `None` when disabled.
+    pub fn metrics_address(&self) -> anyhow::Result<Option<SocketAddr>> {
+        let address = self.metrics.address.trim();
+        if address.is_empty() {
+            return Ok(None);
+        }
+        let parsed = address
+            .parse()
+            .with_context(|| format!("metrics.address {address:?} is not host:port"))?;
+        Ok(Some(parsed))
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.root.is_absolute(), "root must be an absolute path");
+        anyhow::ensure!(self.state.is_absolute(), "state must be an absolute path");
+        anyhow::ensure!(
+            self.image.max_concurrent_downloads > 0,
+            "image.max_concurrent_downloads must be at least 1"
+        );
+        self.metrics_address()?;
+        for (host, endpoints) in &self.registry.mirrors {
+            for endpoint in endpoints {
+                anyhow::ensure!(
+                    endpoint.starts_with("http://") || endpoint.starts_with("https://"),
+                    "mirror {endpoint:?} for {host} must start with http:// or https://"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_parses_back_to_the_defaults() {
+        let text = Config::default_toml().expect("render");
+        let parsed: Config = toml::from_str(&text).expect("parse");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<Config>("roots = \"/x\"").is_err());
+    }
+
+    #[test]
+    fn mirrors_parse() {
+        let config: Config = toml::from_str(
+            "[registry.mirrors]\n\"docker.io\" = [\"http://127.0.0.1:5001\"]\n",
+        )
+        .expect("parse");
+        assert_eq!(config.registry.mirrors["docker.io"], vec!["http://127.0.0.1:5001"]);
+        config.validate().expect("valid");
+    }
+}

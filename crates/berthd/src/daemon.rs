@@ -1,0 +1,115 @@
+//! Wiring: stores, CRI services, metrics endpoint, signals, shutdown.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use berth_cri::instrument::{InstrumentLayer, Readiness};
+use berth_image::{ImageConfig, ImageStore, RegistryConfig};
+use berth_snapshot::Snapshotter;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::config::Config;
+use crate::lock::RootLock;
+
+/// Sets up logging to stderr with `filter`.
+pub fn init_tracing(filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("invalid log level {filter:?}"))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    Ok(())
+}
+
+/// Process-wide setup that must happen before the async runtime starts threads.
+pub fn prepare_process() -> anyhow::Result<()> {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only sets a flag on this process.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot become a child subreaper");
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers; stop berthd with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+    }
+}
+
+/// Runs the daemon until a shutdown signal.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    for dir in [&config.root, &config.state] {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    }
+    let _lock = RootLock::acquire(&config.root)?;
+
+    let db_path = config.root.join("meta.redb");
+    let db = Arc::new(
+        redb::Database::create(&db_path)
+            .with_context(|| format!("cannot open metadata database {}", db_path.display()))?,
+    );
+    let snapshots = Arc::new(Snapshotter::open(config.root.join("snapshots"))?);
+    let images = Arc::new(ImageStore::open(
+        db.clone(),
+        snapshots.clone(),
+        ImageConfig {
+            content_dir: config.root.join("content"),
+            registry: RegistryConfig {
+                mirrors: config.registry.mirrors.clone().into_iter().collect(),
+                insecure: config.registry.insecure.clone(),
+            },
+            max_concurrent_downloads: config.image.max_concurrent_downloads,
+        },
+    )?);
+
+    let readiness = Readiness::default();
+    let (runtime_service, image_service) =
+        berth_cri::services(berth_cri::Backends { images: images.clone() });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let metrics_task = match config.metrics_address()? {
+        Some(address) => {
+            let (bound, serve) = berth_metrics::serve(address, stopped(stop_rx.clone())).await?;
+            tracing::info!(%bound, "serving metrics at /metrics");
+            Some(tokio::spawn(serve))
+        }
+        None => None,
+    };
+
+    let listener = crate::socket::bind(&config.listen).await?;
+    tracing::info!(socket = %config.listen.display(), root = %config.root.display(), "berthd serving the CRI");
+    // Nothing to recover yet: the stores are consistent as soon as they are open.
+    readiness.set_ready();
+
+    let server = tonic::transport::Server::builder()
+        .layer(InstrumentLayer::new(readiness))
+        .add_service(runtime_service)
+        .add_service(image_service)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+    let result = server.await.context("CRI server failed");
+
+    if let Err(e) = std::fs::remove_file(&config.listen) {
+        tracing::warn!(error = %e, "cannot remove the CRI socket");
+    }
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    tracing::info!("berthd stopped");
+    result
+}

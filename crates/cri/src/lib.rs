@@ -1,0 +1,41 @@
+//! berth-cri: the CRI v1 gRPC services (`RuntimeService`, `ImageService`) that the kubelet and
+//! crictl talk to. This crate only translates: it validates requests, maps CRI messages to the
+//! domain crates (`berth-image`, `berth-runtime`) and maps their errors to gRPC status codes.
+//! Cross-cutting work (tracing spans, metrics, the readiness gate) happens once, in
+//! [`instrument::InstrumentLayer`], not in each handler.
+
+mod error;
+mod image_service;
+pub mod instrument;
+mod runtime_service;
+
+use std::sync::Arc;
+
+use berth_image::ImageStore;
+use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+
+pub use image_service::ImageApi;
+pub use runtime_service::RuntimeApi;
+
+/// The name berth reports in `Version`.
+pub const RUNTIME_NAME: &str = "berth";
+/// The CRI API version berth speaks.
+pub const CRI_API_VERSION: &str = "v1";
+
+/// The domain objects the CRI services are built on.
+#[derive(Clone)]
+pub struct Backends {
+    /// Images: pull, list, remove.
+    pub images: Arc<ImageStore>,
+}
+
+/// Both CRI gRPC services, ready to add to a tonic server.
+pub fn services(
+    backends: Backends,
+) -> (RuntimeServiceServer<RuntimeApi>, ImageServiceServer<ImageApi>) {
+    (
+        RuntimeServiceServer::new(RuntimeApi::new(backends.clone())),
+        ImageServiceServer::new(ImageApi::new(backends)),
+    )
+}
