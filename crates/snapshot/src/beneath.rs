@@ -1,0 +1,198 @@
+//! Safe path handling inside one layer directory.
+//!
+//! Tar entry names are cleaned lexically (leading `/` stripped, `.` dropped, `..` folded, but
+//! never above the layer root), and directories are then opened with `openat2(2)`
+//! `RESOLVE_BENEATH`, so the kernel refuses any resolution (including through symlinks written
+//! by earlier entries) that would leave the layer. Relative symlinks that stay inside the layer
+//! are followed for parent directories, as Docker does inside its chroot; absolute symlinks are
+//! refused, because inside a bare layer directory they would point at the host.
+//! The last component of a name is never resolved: callers use `*at` calls on the parent fd
+//! with `O_NOFOLLOW`/`AT_SYMLINK_NOFOLLOW` semantics.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+use nix::sys::stat::{Mode, mkdirat};
+
+/// Why a tar name could not be cleaned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CleanError {
+    /// `..` would climb above the layer root.
+    Escape,
+    /// The name holds a NUL byte.
+    Nul,
+}
+
+/// Cleans a tar entry name into path components relative to the layer root.
+///
+/// `/etc/x` becomes `etc/x` (Docker's treatment of absolute names); `a/../b` becomes `b`;
+/// `../x` and `a/../../x` are refused. An empty result means the layer root itself.
+pub(crate) fn clean(name: &[u8]) -> Result<Vec<OsString>, CleanError> {
+    if name.contains(&0) {
+        return Err(CleanError::Nul);
+    }
+    let mut out: Vec<OsString> = Vec::new();
+    for comp in name.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => {
+                if out.pop().is_none() {
+                    return Err(CleanError::Escape);
+                }
+            }
+            c => out.push(OsString::from_vec(c.to_vec())),
+        }
+    }
+    Ok(out)
+}
+
+/// Joins cleaned components into a relative path.
+pub(crate) fn join(comps: &[OsString]) -> PathBuf {
+    comps.iter().collect()
+}
+
+/// Why a directory inside the layer could not be opened.
+#[derive(Debug)]
+pub(crate) enum ResolveError {
+    /// Resolution would leave the layer (absolute or climbing symlink).
+    Escape,
+    /// A symlink was met where none is allowed.
+    Symlink,
+    /// Any other failure, including `ENOENT` and `ENOTDIR`.
+    Io(io::Error),
+}
+
+/// An open layer directory that entries are resolved beneath.
+#[derive(Debug)]
+pub(crate) struct Tree {
+    fd: OwnedFd,
+}
+
+impl Tree {
+    /// Opens the layer root `path` (which we created ourselves, so it is trusted).
+    pub(crate) fn open(path: &Path) -> io::Result<Self> {
+        let fd = nix::fcntl::open(
+            path,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Self { fd })
+    }
+
+    /// Opens the directory `comps` beneath the root with open `flags` (`O_PATH` or
+    /// `O_RDONLY`). When `strict`, no symlink at all may be crossed; otherwise symlinks are
+    /// followed as long as they stay beneath the root.
+    pub(crate) fn open_dir(
+        &self,
+        comps: &[OsString],
+        flags: OFlag,
+        strict: bool,
+    ) -> Result<OwnedFd, ResolveError> {
+        let path: PathBuf = if comps.is_empty() { PathBuf::from(".") } else { join(comps) };
+        let mut resolve = ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS;
+        if strict {
+            resolve |= ResolveFlag::RESOLVE_NO_SYMLINKS;
+        }
+        let how =
+            OpenHow::new().flags(flags | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC).resolve(resolve);
+        openat2(self.fd.as_fd(), path.as_path(), how).map_err(|e| match e {
+            Errno::EXDEV => ResolveError::Escape,
+            Errno::ELOOP if strict => ResolveError::Symlink,
+            // Without `strict`, ELOOP means a symlink loop or too many links: treat as hostile.
+            Errno::ELOOP => ResolveError::Escape,
+            e => ResolveError::Io(e.into()),
+        })
+    }
+
+    /// Opens (as `O_PATH`) the directory `comps`, creating missing components with mode
+    /// 0755 (owned by us) the way tar implementations create implicit parents.
+    pub(crate) fn make_dirs(&self, comps: &[OsString]) -> Result<OwnedFd, ResolveError> {
+        match self.open_dir(comps, OFlag::O_PATH, false) {
+            Err(ResolveError::Io(e)) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            other => return other,
+        }
+        let mut cur = self.open_dir(&[], OFlag::O_PATH, false)?;
+        for i in 0..comps.len() {
+            let prefix = &comps[..=i];
+            match self.open_dir(prefix, OFlag::O_PATH, false) {
+                Ok(fd) => cur = fd,
+                Err(ResolveError::Io(e)) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    match mkdirat(
+                        cur.as_fd(),
+                        comps[i].as_os_str(),
+                        Mode::from_bits_truncate(0o755),
+                    ) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(ResolveError::Io(e.into())),
+                    }
+                    cur = self.open_dir(prefix, OFlag::O_PATH, false)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(cur)
+    }
+}
+
+/// `/proc/self/fd/<dir>/<name>`: a path naming `name` inside an already-resolved directory,
+/// for the few calls that have no `*at` variant (`lsetxattr`, `remove_dir_all`). Only the
+/// last component is looked up, and callers use calls that do not follow it.
+pub(crate) fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
+    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    p.push(name);
+    p
+}
+
+/// Lossy text of a raw name, for error messages.
+pub(crate) fn display(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(name: &str) -> Result<Vec<String>, CleanError> {
+        clean(name.as_bytes())
+            .map(|v| v.into_iter().map(|s| s.to_string_lossy().into_owned()).collect())
+    }
+
+    #[test]
+    fn clean_names() {
+        assert_eq!(c("etc/passwd").unwrap(), ["etc", "passwd"]);
+        assert_eq!(c("/etc/passwd").unwrap(), ["etc", "passwd"]);
+        assert_eq!(c("./a//b/./").unwrap(), ["a", "b"]);
+        assert_eq!(c("a/../b").unwrap(), ["b"]);
+        assert!(c("./").unwrap().is_empty());
+        assert_eq!(c("../x"), Err(CleanError::Escape));
+        assert_eq!(c("a/../../x"), Err(CleanError::Escape));
+        assert_eq!(c("/../x"), Err(CleanError::Escape));
+        assert_eq!(clean(b"a\0b"), Err(CleanError::Nul));
+    }
+
+    #[test]
+    fn open_dir_refuses_escapes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../..", root.join("up")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
+        let t = Tree::open(&root).unwrap();
+        let p = |s: &str| clean(s.as_bytes()).unwrap();
+        assert!(matches!(t.open_dir(&p("abs"), OFlag::O_PATH, false), Err(ResolveError::Escape)));
+        assert!(matches!(t.open_dir(&p("up"), OFlag::O_PATH, false), Err(ResolveError::Escape)));
+        assert!(t.open_dir(&p("lib"), OFlag::O_PATH, false).is_ok());
+        assert!(matches!(t.open_dir(&p("lib"), OFlag::O_PATH, true), Err(ResolveError::Symlink)));
+        assert!(matches!(t.make_dirs(&p("abs/x")), Err(ResolveError::Escape)));
+        t.make_dirs(&p("new/deep/dir")).unwrap();
+        assert!(root.join("new/deep/dir").is_dir());
+        t.make_dirs(&p("lib/inner")).unwrap();
+        assert!(root.join("usr/lib/inner").is_dir());
+    }
+}
