@@ -1,0 +1,229 @@
+//! Which seccomp profile a container gets: the `seccomp` field or the deprecated
+//! `seccomp_profile_path`, resolved to nothing, the built-in default, or a file on the node.
+
+use std::path::{Path, PathBuf};
+
+use k8s_cri::v1::LinuxContainerSecurityContext;
+use k8s_cri::v1::security_profile::ProfileType;
+use oci_spec::runtime::{Capabilities, LinuxSeccomp};
+
+use crate::SpecError;
+use crate::seccomp_default::{HostArch, default_profile};
+
+/// What the kubelet asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeccompChoice {
+    /// No filter.
+    Unconfined,
+    /// The built-in profile ([`crate::seccomp_default`]).
+    RuntimeDefault,
+    /// A profile file on the node (path already made absolute).
+    Localhost(PathBuf),
+}
+
+/// Resolves a Localhost reference: absolute, or relative to `root`.
+fn localhost_path(reference: &str, root: &Path, shown: &str) -> Result<PathBuf, SpecError> {
+    if reference.is_empty() {
+        return Err(SpecError::InvalidSeccompProfile { value: shown.to_string() });
+    }
+    let p = Path::new(reference);
+    Ok(if p.is_absolute() { p.to_path_buf() } else { root.join(p) })
+}
+
+/// The profile the security context asks for. The `seccomp` field wins over the deprecated
+/// path; an empty path means unconfined (the CRI's documented default).
+pub fn seccomp_choice(
+    sc: &LinuxContainerSecurityContext,
+    profile_root: &Path,
+) -> Result<SeccompChoice, SpecError> {
+    if let Some(p) = &sc.seccomp {
+        return match ProfileType::try_from(p.profile_type) {
+            Ok(ProfileType::RuntimeDefault) => Ok(SeccompChoice::RuntimeDefault),
+            Ok(ProfileType::Unconfined) => Ok(SeccompChoice::Unconfined),
+            Ok(ProfileType::Localhost) => Ok(SeccompChoice::Localhost(localhost_path(
+                &p.localhost_ref,
+                profile_root,
+                "Localhost with an empty localhost_ref",
+            )?)),
+            Err(_) => Err(SpecError::InvalidSeccompProfile {
+                value: format!("profile_type {}", p.profile_type),
+            }),
+        };
+    }
+    #[allow(deprecated)]
+    let legacy = sc.seccomp_profile_path.as_str();
+    match legacy {
+        "" | "unconfined" => Ok(SeccompChoice::Unconfined),
+        "runtime/default" | "docker/default" => Ok(SeccompChoice::RuntimeDefault),
+        other => match other.strip_prefix("localhost/") {
+            Some(rest) => Ok(SeccompChoice::Localhost(localhost_path(rest, profile_root, other)?)),
+            None => Err(SpecError::InvalidSeccompProfile { value: other.to_string() }),
+        },
+    }
+}
+
+/// Reads a profile file: the OCI `LinuxSeccomp` JSON, also accepting Docker's profile format
+/// (`archMap` instead of `architectures`, `name` instead of `names`).
+pub fn load_profile(path: &Path) -> Result<LinuxSeccomp, SpecError> {
+    let text = std::fs::read(path)
+        .map_err(|source| SpecError::SeccompProfileRead { path: path.to_path_buf(), source })?;
+    let parse_err = |source| SpecError::SeccompProfileParse { path: path.to_path_buf(), source };
+    let mut value: serde_json::Value = serde_json::from_slice(&text).map_err(parse_err)?;
+    if let Some(obj) = value.as_object_mut() {
+        if !obj.contains_key("architectures")
+            && let Some(map) = obj.get("archMap").and_then(|m| m.as_array())
+        {
+            let mut archs = Vec::new();
+            for entry in map {
+                if let Some(a) = entry.get("architecture") {
+                    archs.push(a.clone());
+                }
+                if let Some(subs) = entry.get("subArchitectures").and_then(|s| s.as_array()) {
+                    archs.extend(subs.iter().cloned());
+                }
+            }
+            obj.insert("architectures".into(), serde_json::Value::Array(archs));
+        }
+        obj.remove("archMap");
+        if let Some(calls) = obj.get_mut("syscalls").and_then(|s| s.as_array_mut()) {
+            for call in calls.iter_mut().filter_map(|c| c.as_object_mut()) {
+                if !call.contains_key("names")
+                    && let Some(name) = call.remove("name")
+                {
+                    call.insert("names".into(), serde_json::Value::Array(vec![name]));
+                }
+            }
+        }
+    }
+    serde_json::from_value(value).map_err(parse_err)
+}
+
+/// The `linux.seccomp` of the container.
+///
+/// Privileged containers get no filter for `RuntimeDefault` (the kubelet sends that by default
+/// when `seccompDefault` is on, and the CRI says privileged means unconfined), but an explicit
+/// `Localhost` profile is still applied.
+pub fn seccomp_for(
+    choice: &SeccompChoice,
+    privileged: bool,
+    effective_caps: &Capabilities,
+) -> Result<Option<LinuxSeccomp>, SpecError> {
+    match choice {
+        SeccompChoice::Unconfined => Ok(None),
+        SeccompChoice::RuntimeDefault if privileged => Ok(None),
+        SeccompChoice::RuntimeDefault => {
+            Ok(Some(default_profile(effective_caps, HostArch::current())))
+        }
+        SeccompChoice::Localhost(path) => load_profile(path).map(Some),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_cri::v1::SecurityProfile;
+    use oci_spec::runtime::{Arch, LinuxSeccompAction};
+
+    fn sc_profile(t: ProfileType, r: &str) -> LinuxContainerSecurityContext {
+        LinuxContainerSecurityContext {
+            seccomp: Some(SecurityProfile { profile_type: t as i32, localhost_ref: r.into() }),
+            ..Default::default()
+        }
+    }
+
+    #[allow(deprecated)]
+    fn sc_legacy(p: &str) -> LinuxContainerSecurityContext {
+        LinuxContainerSecurityContext { seccomp_profile_path: p.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn choices() {
+        let root = Path::new("/var/lib/kubelet/seccomp");
+        let c = |sc| seccomp_choice(&sc, root);
+        assert_eq!(
+            c(sc_profile(ProfileType::RuntimeDefault, "")).unwrap(),
+            SeccompChoice::RuntimeDefault
+        );
+        assert_eq!(c(sc_profile(ProfileType::Unconfined, "")).unwrap(), SeccompChoice::Unconfined);
+        assert_eq!(
+            c(sc_profile(ProfileType::Localhost, "/p.json")).unwrap(),
+            SeccompChoice::Localhost("/p.json".into())
+        );
+        assert_eq!(
+            c(sc_profile(ProfileType::Localhost, "prof/a.json")).unwrap(),
+            SeccompChoice::Localhost(root.join("prof/a.json"))
+        );
+        assert!(matches!(
+            c(sc_profile(ProfileType::Localhost, "")),
+            Err(SpecError::InvalidSeccompProfile { .. })
+        ));
+        assert_eq!(c(sc_legacy("")).unwrap(), SeccompChoice::Unconfined);
+        assert_eq!(c(sc_legacy("unconfined")).unwrap(), SeccompChoice::Unconfined);
+        assert_eq!(c(sc_legacy("runtime/default")).unwrap(), SeccompChoice::RuntimeDefault);
+        assert_eq!(c(sc_legacy("docker/default")).unwrap(), SeccompChoice::RuntimeDefault);
+        assert_eq!(
+            c(sc_legacy("localhost//etc/p.json")).unwrap(),
+            SeccompChoice::Localhost("/etc/p.json".into())
+        );
+        assert!(matches!(
+            c(sc_legacy("bogus")),
+            Err(SpecError::InvalidSeccompProfile { value }) if value == "bogus"
+        ));
+        // The field wins over the legacy path.
+        let mut sc = sc_profile(ProfileType::Unconfined, "");
+        #[allow(deprecated)]
+        {
+            sc.seccomp_profile_path = "runtime/default".into();
+        }
+        assert_eq!(c(sc).unwrap(), SeccompChoice::Unconfined);
+    }
+
+    #[test]
+    fn localhost_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let oci = dir.path().join("oci.json");
+        std::fs::write(
+            &oci,
+            r#"{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_X86_64"],
+                "syscalls":[{"names":["read","write"],"action":"SCMP_ACT_ALLOW"}]}"#,
+        )
+        .unwrap();
+        let p = seccomp_for(&SeccompChoice::Localhost(oci), false, &Default::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.default_action(), LinuxSeccompAction::ScmpActErrno);
+        assert_eq!(p.syscalls().as_ref().unwrap()[0].names(), &["read", "write"]);
+
+        let docker = dir.path().join("docker.json");
+        std::fs::write(
+            &docker,
+            r#"{"defaultAction":"SCMP_ACT_ALLOW",
+                "archMap":[{"architecture":"SCMP_ARCH_X86_64","subArchitectures":["SCMP_ARCH_X86"]}],
+                "syscalls":[{"name":"mount","action":"SCMP_ACT_ERRNO"}]}"#,
+        )
+        .unwrap();
+        let p = load_profile(&docker).unwrap();
+        assert_eq!(
+            p.architectures().clone().unwrap(),
+            vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86]
+        );
+        assert_eq!(p.syscalls().as_ref().unwrap()[0].names(), &["mount"]);
+
+        let missing = dir.path().join("missing.json");
+        assert!(matches!(
+            seccomp_for(&SeccompChoice::Localhost(missing), true, &Default::default()),
+            Err(SpecError::SeccompProfileRead { .. })
+        ));
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, r#"{"defaultAction":"SCMP_ACT_NOPE"}"#).unwrap();
+        assert!(matches!(load_profile(&bad), Err(SpecError::SeccompProfileParse { .. })));
+    }
+
+    #[test]
+    fn privileged_and_unconfined() {
+        let caps = Default::default();
+        assert!(seccomp_for(&SeccompChoice::RuntimeDefault, true, &caps).unwrap().is_none());
+        assert!(seccomp_for(&SeccompChoice::Unconfined, false, &caps).unwrap().is_none());
+        assert!(seccomp_for(&SeccompChoice::RuntimeDefault, false, &caps).unwrap().is_some());
+    }
+}
