@@ -149,7 +149,18 @@ impl ImageService for ImageApi {
         let request = request.into_inner();
         let reference = image_ref(request.image.as_ref())?;
         let credentials = credentials(request.auth.as_ref())?;
-        let image = self.backends.images.pull(reference, credentials).await.map_err(image_status)?;
+        let (image, stats) = self
+            .backends
+            .images
+            .pull_with_stats(reference, credentials)
+            .await
+            .map_err(image_status)?;
+        // A caller that joined another's pull downloaded nothing itself.
+        if !stats.joined {
+            let metrics = berth_metrics::metrics();
+            metrics.pull_bytes.inc_by(stats.bytes_downloaded);
+            metrics.pull_duration.observe(stats.duration.as_secs_f64());
+        }
         Ok(Response::new(PullImageResponse { image_ref: image.id }))
     }
 

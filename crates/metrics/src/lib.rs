@@ -9,7 +9,7 @@ mod server;
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder, exponential_buckets,
 };
 
@@ -26,7 +26,7 @@ pub struct Metrics {
     /// Bytes downloaded from registries by image pulls.
     pub pull_bytes: IntCounter,
     /// Duration of successful image pulls.
-    pub pull_duration: HistogramVec,
+    pub pull_duration: Histogram,
     /// Containers by state (`created`, `running`, `exited`).
     pub containers: IntGaugeVec,
     /// Pod sandboxes by state (`ready`, `notready`).
@@ -67,10 +67,9 @@ impl Metrics {
             "berth_image_pull_bytes_total",
             "Bytes downloaded from registries by image pulls.",
         ));
-        let pull_duration = must(HistogramVec::new(
+        let pull_duration = must(Histogram::with_opts(
             HistogramOpts::new("berth_image_pull_duration_seconds", "Duration of image pulls.")
                 .buckets(latency),
-            &[],
         ));
         let containers = must(IntGaugeVec::new(
             Opts::new("berth_containers", "Containers by state."),
