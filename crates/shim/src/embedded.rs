@@ -1,0 +1,498 @@
+//! [`EmbeddedShim`]: the shim running inside berthd.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::console::{ConsoleSocket, master_reader};
+use crate::log::{LogWriter, Stream, copy_stream};
+use crate::oom::OomCounter;
+use crate::pipe::pipe;
+use crate::reaper::{Reaped, Reaper, spawn, wait_or_kill};
+use crate::runtime_cmd::{
+    RUNTIME_TIMEOUT, RuntimeCmd, display_command, is_not_exist, is_not_running,
+};
+use crate::task::Task;
+use crate::{CreateTask, ExecOutput, Exit, Shim, ShimError, TaskEvent, TaskState};
+
+/// How long the exit monitor waits for the log copiers to reach EOF before publishing an
+/// exit. Grandchildren that inherited stdout can keep the pipe open indefinitely.
+const LOG_DRAIN_BOUND: Duration = Duration::from_secs(2);
+/// How long to wait for the pty master once the runtime has exited (it sent it before).
+const CONSOLE_BOUND: Duration = Duration::from_secs(5);
+/// How long `delete` waits for the killed main process's exit to be published.
+const DELETE_EXIT_BOUND: Duration = Duration::from_secs(10);
+/// Capacity of the event broadcast channel; slow subscribers see `Lagged`.
+const EVENT_CAPACITY: usize = 1024;
+
+/// The shim embedded in berthd: runs the OCI runtime binary directly, reaps through the
+/// process-wide reaper, keeps task records in memory.
+pub struct EmbeddedShim {
+    state_dir: PathBuf,
+    tasks: Mutex<HashMap<String, Arc<Task>>>,
+    /// IDs whose `create` is under way.
+    creating: Mutex<HashSet<String>>,
+    events: broadcast::Sender<TaskEvent>,
+    /// Ourselves, so that create/delete can run in a spawned task that finishes even if the
+    /// caller's future is dropped (the kubelet timed out and will retry).
+    me: Weak<EmbeddedShim>,
+}
+
+impl std::fmt::Debug for EmbeddedShim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedShim").field("state_dir", &self.state_dir).finish_non_exhaustive()
+    }
+}
+
+/// Checks that `id` is usable as a directory name and runtime container name.
+pub fn validate_id(id: &str) -> Result<(), ShimError> {
+    let ok = !id.is_empty()
+        && id.len() <= 1024
+        && !id.starts_with('.')
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'+'));
+    if ok { Ok(()) } else { Err(ShimError::InvalidId { id: id.to_owned() }) }
+}
+
+/// Removes an ID from the `creating` set when a create ends, however it ends.
+struct Reservation<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section here is a single map operation: a panic cannot leave it torn.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ShimError {
+    let path = path.to_owned();
+    move |source| ShimError::Io { action, path, source }
+}
+
+impl EmbeddedShim {
+    /// A shim keeping per-task files under `state_dir` (created if missing). Also makes the
+    /// process a child subreaper and starts the reaper.
+    pub fn new(state_dir: PathBuf) -> Result<Arc<Self>, ShimError> {
+        std::fs::create_dir_all(&state_dir).map_err(io_err("create directory", &state_dir))?;
+        crate::reaper::become_subreaper()?;
+        Reaper::global()?;
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Ok(Arc::new_cyclic(|me| EmbeddedShim {
+            state_dir,
+            tasks: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashSet::new()),
+            events,
+            me: me.clone(),
+        }))
+    }
+
+    /// Force-deletes a container this shim has no record of (left by a previous berthd),
+    /// ignoring "does not exist".
+    pub async fn delete_orphan(
+        &self,
+        runtime: &Path,
+        runtime_root: &Path,
+        id: &str,
+    ) -> Result<(), ShimError> {
+        validate_id(id)?;
+        let rt = RuntimeCmd::new(runtime.to_owned(), runtime_root.to_owned());
+        runtime_delete(&rt, id).await?;
+        remove_dir(&self.state_dir.join(id));
+        Ok(())
+    }
+
+    fn task(&self, id: &str) -> Result<Arc<Task>, ShimError> {
+        lock(&self.tasks).get(id).cloned().ok_or_else(|| ShimError::NotFound { id: id.to_owned() })
+    }
+
+    fn this(&self) -> Arc<EmbeddedShim> {
+        // `new` is the only constructor and hands out an Arc, so while `&self` lives the
+        // Arc does too.
+        self.me.upgrade().unwrap_or_else(|| unreachable!("EmbeddedShim outside its Arc"))
+    }
+
+    fn reserve(&self, id: &str) -> Result<Reservation<'_>, ShimError> {
+        let tasks = lock(&self.tasks);
+        let mut creating = lock(&self.creating);
+        if tasks.contains_key(id) || !creating.insert(id.to_owned()) {
+            return Err(ShimError::AlreadyExists { id: id.to_owned() });
+        }
+        Ok(Reservation { set: &self.creating, id: id.to_owned() })
+    }
+
+    async fn create_inner(&self, t: CreateTask) -> Result<u32, ShimError> {
+        validate_id(&t.id)?;
+        let _reservation = self.reserve(&t.id)?;
+        let id = t.id.clone();
+        let dir = self.state_dir.join(&id);
+        std::fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        let pid_file = dir.join("init.pid");
+        let create_log = dir.join("create.log");
+        for stale in [&pid_file, &create_log] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let runtime = RuntimeCmd::new(t.runtime.clone(), t.runtime_root.clone());
+        let log = t.log_path.as_deref().map(LogWriter::open).transpose()?.map(Arc::new);
+
+        // stdio: runc passes its own stdio on to the container process; with a terminal, the
+        // container gets a pty instead and we get its master through the console socket.
+        let console = if t.tty { Some(ConsoleSocket::bind(&self.state_dir)?) } else { None };
+        let mut cmd = runtime.base(Some(&create_log));
+        cmd.arg("create").arg("--bundle").arg(&t.bundle).arg("--pid-file").arg(&pid_file);
+        if let Some(console) = &console {
+            cmd.arg("--console-socket").arg(console.path());
+        }
+        cmd.arg(&id);
+        let mut stdin_keep: Option<OwnedFd> = None;
+        if console.is_some() {
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        } else if t.stdin {
+            let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+                .map_err(|e| ShimError::Pipe { action: "create stdin pipe", source: e.into() })?;
+            cmd.stdin(Stdio::from(r));
+            stdin_keep = Some(w);
+        } else {
+            cmd.stdin(Stdio::null());
+        }
+        let mut readers = Vec::new();
+        if console.is_some() {
+            // stdio is /dev/null already.
+        } else if log.is_some() {
+            let (out_rx, out_tx) = pipe("create stdout pipe")?;
+            let (err_rx, err_tx) = pipe("create stderr pipe")?;
+            cmd.stdout(Stdio::from(out_tx)).stderr(Stdio::from(err_tx));
+            readers.push((out_rx, Stream::Stdout));
+            readers.push((err_rx, Stream::Stderr));
+        } else {
+            // Nobody will read it: don't make the container block on a full pipe.
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let display = display_command(&cmd);
+        let reaper = Reaper::global()?;
+        let before = Instant::now();
+        let child = spawn(&mut cmd)
+            .map_err(|source| ShimError::Spawn { program: t.runtime.clone(), source })?;
+        // Close our copies of the write ends: from now on only the container holds them, so
+        // the copiers see EOF when it (and its children) are gone.
+        drop(cmd);
+        let runc_pid = child.id() as i32;
+        let runc_exited = reaper.register(runc_pid, before);
+
+        let mut copiers: Vec<JoinHandle<()>> = readers
+            .into_iter()
+            .map(|(rx, stream)| tokio::spawn(copy_stream(rx, stream, log.clone())))
+            .collect();
+
+        let reaped = match wait_or_kill(
+            reaper,
+            runc_pid,
+            runc_exited,
+            Some(RUNTIME_TIMEOUT),
+            &display,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                abandon(&runtime, &id, &dir, &copiers).await;
+                return Err(e);
+            }
+        };
+        if reaped.code != 0 {
+            copiers.iter().for_each(|h| h.abort());
+            let text = std::fs::read_to_string(&create_log).unwrap_or_default();
+            let err = runtime.failed("create", &id, reaped.code, &text);
+            // Clean up a half-created container, but never one that existed before us.
+            if !text.contains("already exists") {
+                let _ = runtime_delete(&runtime, &id).await;
+                remove_dir(&dir);
+            }
+            return Err(err);
+        }
+        let pid = match read_pid_file(&pid_file) {
+            Ok(pid) => pid,
+            Err(e) => {
+                abandon(&runtime, &id, &dir, &copiers).await;
+                return Err(e);
+            }
+        };
+        if let Some(console) = &console {
+            let master = match console.receive_master(CONSOLE_BOUND).await {
+                Ok(m) => master_reader(m),
+                Err(e) => Err(e),
+            };
+            match master {
+                // Without a log file the output is still read (and dropped), or the
+                // container would block once the pty buffer fills.
+                Ok(rx) => copiers.push(tokio::spawn(copy_stream(rx, Stream::Stdout, log.clone()))),
+                Err(e) => {
+                    abandon(&runtime, &id, &dir, &copiers).await;
+                    return Err(e);
+                }
+            }
+        }
+        // The init was created after `before`, so an older unclaimed exit of the same PID is
+        // not its own.
+        let init_exited = reaper.register(pid as i32, before);
+
+        let mut background: Vec<_> = copiers.iter().map(|h| h.abort_handle()).collect();
+        let oom = t.memory_cgroup.as_deref().and_then(OomCounter::open);
+        if let Some(oom) = &oom {
+            match oom.watch(id.clone(), self.events.clone()) {
+                Ok(h) => background.push(h.abort_handle()),
+                Err(e) => tracing::warn!(id, error = %e, "no live OOM notifications"),
+            }
+        }
+        let (exit_tx, exit_rx) = watch::channel(None);
+        tokio::spawn(monitor_exit(
+            id.clone(),
+            pid,
+            init_exited,
+            oom,
+            copiers,
+            exit_tx,
+            self.events.clone(),
+        ));
+        let task = Arc::new(Task {
+            runtime,
+            dir,
+            pid,
+            started: AtomicBool::new(false),
+            exit: exit_rx,
+            log,
+            stdin: Mutex::new(stdin_keep),
+            background: Mutex::new(background),
+        });
+        lock(&self.tasks).insert(id.clone(), task);
+        tracing::debug!(id, pid, "task created");
+        Ok(pid)
+    }
+
+    async fn delete_inner(&self, id: &str) -> Result<(), ShimError> {
+        let Ok(task) = self.task(id) else {
+            return Ok(());
+        };
+        runtime_delete(&task.runtime, id).await?;
+        // The runtime killed the main process; publish its exit before forgetting the task.
+        let mut exit = task.exit.clone();
+        if tokio::time::timeout(DELETE_EXIT_BOUND, exit.wait_for(Option::is_some)).await.is_err() {
+            tracing::warn!(id, pid = task.pid, "no exit seen after delete");
+        }
+        task.stop_background();
+        {
+            let mut tasks = lock(&self.tasks);
+            if tasks.get(id).is_some_and(|t| Arc::ptr_eq(t, &task)) {
+                tasks.remove(id);
+            }
+        }
+        remove_dir(&task.dir);
+        tracing::debug!(id, "task deleted");
+        Ok(())
+    }
+}
+
+/// Undoes a failed create: stops the copiers, deletes the container, removes its state.
+async fn abandon(runtime: &RuntimeCmd, id: &str, dir: &Path, copiers: &[JoinHandle<()>]) {
+    copiers.iter().for_each(|h| h.abort());
+    if let Err(e) = runtime_delete(runtime, id).await {
+        tracing::warn!(id, error = %e, "cleaning up after failed create");
+    }
+    remove_dir(dir);
+}
+
+/// `<runtime> delete --force <id>`, where "does not exist" is success.
+async fn runtime_delete(runtime: &RuntimeCmd, id: &str) -> Result<(), ShimError> {
+    match runtime.run(id, "delete", &[OsStr::new("--force"), OsStr::new(id)]).await {
+        Ok(_) => Ok(()),
+        Err(ShimError::RuntimeFailed { stderr, .. }) if is_not_exist(&stderr) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "removing task state");
+    }
+}
+
+fn read_pid_file(path: &Path) -> Result<u32, ShimError> {
+    let content = std::fs::read_to_string(path).map_err(io_err("read pid file", path))?;
+    match content.trim().parse::<u32>() {
+        Ok(pid) if pid > 1 && pid <= i32::MAX as u32 => Ok(pid),
+        _ => Err(ShimError::BadPidFile { path: path.to_owned(), content }),
+    }
+}
+
+/// Waits for the main process's exit, drains the logs, then publishes the exit.
+async fn monitor_exit(
+    id: String,
+    pid: u32,
+    init_exited: oneshot::Receiver<Reaped>,
+    oom: Option<OomCounter>,
+    copiers: Vec<JoinHandle<()>>,
+    exit_tx: watch::Sender<Option<Exit>>,
+    events: broadcast::Sender<TaskEvent>,
+) {
+    let (code, at) = match init_exited.await {
+        Ok(r) => (r.code, r.wall),
+        Err(_) => {
+            // Only if another registration for the PID replaced ours; treat as unknown.
+            tracing::error!(id, pid, "lost track of the container's exit");
+            (255, std::time::SystemTime::now())
+        }
+    };
+    // Read the OOM counter now, before anyone runs `delete` and the cgroup disappears.
+    let oom_killed = oom.as_ref().is_some_and(|c| c.main_process_oom_killed(code));
+    let drained = tokio::time::timeout(LOG_DRAIN_BOUND, async {
+        for h in copiers {
+            let _ = h.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::debug!(id, "output still open after exit (background process?); not waiting");
+    }
+    let exit = Exit { code, at, oom_killed };
+    tracing::debug!(id, pid, code, oom_killed, "task exited");
+    exit_tx.send_replace(Some(exit));
+    let _ = events.send(TaskEvent::Exited { id, exit });
+}
+
+impl Shim for EmbeddedShim {
+    async fn create(&self, task: CreateTask) -> Result<u32, ShimError> {
+        let me = self.this();
+        // Runs to completion even if the caller gives up, so no half-made task is left.
+        match tokio::spawn(async move { me.create_inner(task).await }).await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    async fn start(&self, id: &str) -> Result<(), ShimError> {
+        let task = self.task(id)?;
+        if task.exit().is_some() {
+            return Err(ShimError::NotRunning { id: id.to_owned() });
+        }
+        task.runtime.run(id, "start", &[OsStr::new(id)]).await?;
+        task.started.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn kill(&self, id: &str, signal: i32, all: bool) -> Result<(), ShimError> {
+        let task = self.task(id)?;
+        if task.exit().is_some() {
+            return Ok(());
+        }
+        let sig = signal.to_string();
+        let mut args: Vec<&OsStr> = Vec::with_capacity(3);
+        if all {
+            args.push(OsStr::new("--all"));
+        }
+        args.push(OsStr::new(id));
+        args.push(OsStr::new(&sig));
+        match task.runtime.run(id, "kill", &args).await {
+            Ok(_) => Ok(()),
+            // It exited meanwhile: nothing left to signal.
+            Err(ShimError::RuntimeFailed { stderr, .. })
+                if is_not_running(&stderr) || task.exit().is_some() =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<Exit>, ShimError> {
+        let task = self.task(id)?;
+        let mut rx = task.exit.clone();
+        match tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(exit)) => Ok(*exit),
+            // The monitor is gone without publishing (it panicked).
+            Ok(Err(_)) => Err(ShimError::ReaperLost { pid: task.pid as i32 }),
+            Err(_) => Ok(None),
+        }
+    }
+
+    async fn state(&self, id: &str) -> Result<TaskState, ShimError> {
+        Ok(self.task(id)?.state())
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), ShimError> {
+        let me = self.this();
+        let id = id.to_owned();
+        match tokio::spawn(async move { me.delete_inner(&id).await }).await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    async fn exec_sync(
+        &self,
+        id: &str,
+        process: oci_spec::runtime::Process,
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutput, ShimError> {
+        let task = self.task(id)?;
+        if task.exit().is_some() {
+            return Err(ShimError::NotRunning { id: id.to_owned() });
+        }
+        crate::exec::exec_sync(&task.runtime, &task.dir, id, &process, timeout).await
+    }
+
+    async fn reopen_log(&self, id: &str) -> Result<(), ShimError> {
+        match &self.task(id)?.log {
+            Some(log) => log.reopen(),
+            None => Ok(()),
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
+        self.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for ok in ["abc", "a-b_c.d", "0123456789abcdef", "x+y"] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "a b", ".hidden", "é"] {
+            assert!(validate_id(bad).is_err(), "{bad}");
+        }
+        assert!(validate_id(&"a".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn pid_file_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("init.pid");
+        std::fs::write(&p, "1234").unwrap();
+        assert_eq!(read_pid_file(&p).unwrap(), 1234);
+        std::fs::write(&p, "12x").unwrap();
+        assert!(matches!(read_pid_file(&p), Err(ShimError::BadPidFile { .. })));
+        std::fs::write(&p, "0").unwrap();
+        assert!(read_pid_file(&p).is_err());
+        assert!(matches!(read_pid_file(&dir.path().join("missing")), Err(ShimError::Io { .. })));
+    }
+}

@@ -1,0 +1,193 @@
+//! `exec_sync`: run a process in a container and collect its output.
+//!
+//! `<runtime> exec --detach --process <json> --pid-file <file> <id>`; the process is then
+//! reparented to us and its exit comes through the reaper. Output is captured up to
+//! [`EXEC_OUTPUT_CAP`] per stream and the rest drained and discarded (a chatty process must
+//! neither block nor make us buffer without bound; cf. containerd CVE-2022-31030).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::pipe::{CappedReader, pipe};
+use crate::reaper::{Reaper, spawn, wait_or_kill};
+use crate::runtime_cmd::{RUNTIME_TIMEOUT, RuntimeCmd, display_command};
+use crate::{ExecOutput, ShimError};
+
+/// Most bytes of each output stream `exec_sync` keeps (16 MiB, as containerd).
+pub const EXEC_OUTPUT_CAP: usize = 16 << 20;
+/// After the process exits, how long to keep reading output that a background child of it
+/// may still be writing.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+/// How long a `SIGKILL`ed exec process gets to be reaped.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+static EXEC_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Per-exec files in the task's state directory, removed on drop.
+struct ExecFiles {
+    process: PathBuf,
+    pid: PathBuf,
+    log: PathBuf,
+}
+
+impl ExecFiles {
+    fn new(task_dir: &Path) -> Self {
+        // Unique within this process (counter) and across restarts (time).
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let stem = format!("exec-{nanos:x}-{}", EXEC_SEQ.fetch_add(1, Ordering::Relaxed));
+        ExecFiles {
+            process: task_dir.join(format!("{stem}.json")),
+            pid: task_dir.join(format!("{stem}.pid")),
+            log: task_dir.join(format!("{stem}.log")),
+        }
+    }
+
+    /// The PID the runtime wrote, if it has.
+    fn read_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.pid).ok()?.trim().parse().ok().filter(|&p: &i32| p > 0)
+    }
+}
+
+impl Drop for ExecFiles {
+    fn drop(&mut self) {
+        for p in [&self.process, &self.pid, &self.log] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Runs `process` in container `id` and collects its output.
+pub(crate) async fn exec_sync(
+    runtime: &RuntimeCmd,
+    task_dir: &Path,
+    id: &str,
+    process: &oci_spec::runtime::Process,
+    timeout: Option<Duration>,
+) -> Result<ExecOutput, ShimError> {
+    if process.terminal().unwrap_or(false) {
+        return Err(ShimError::TtyNotSupported { id: id.to_owned() });
+    }
+    let files = ExecFiles::new(task_dir);
+    let json = serde_json::to_vec(process)
+        .map_err(|source| ShimError::ProcessJson { id: id.to_owned(), source })?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&files.process)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &json))
+        .map_err(|source| ShimError::Io {
+            action: "write exec process",
+            path: files.process.clone(),
+            source,
+        })?;
+
+    let (out_rx, out_tx) = pipe("create exec stdout pipe")?;
+    let (err_rx, err_tx) = pipe("create exec stderr pipe")?;
+    // `--detach`: the process inherits our pipes directly and, once the runtime has exited,
+    // is reparented to us (the subreaper) and reaped by the reaper. Without it, runc copies
+    // the output through pipes of its own and waits for EOF on them, so a background child
+    // of the exec would keep it (and us) waiting.
+    let mut cmd = runtime.base(Some(&files.log));
+    cmd.arg("exec")
+        .arg("--detach")
+        .arg("--process")
+        .arg(&files.process)
+        .arg("--pid-file")
+        .arg(&files.pid)
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out_tx))
+        .stderr(Stdio::from(err_tx));
+    let display = display_command(&cmd);
+    let reaper = Reaper::global()?;
+    let before = Instant::now();
+    let deadline = timeout.map(|t| before + t);
+    let child = spawn(&mut cmd)
+        .map_err(|source| ShimError::Spawn { program: runtime.binary().to_owned(), source })?;
+    // Drop our copies of the write ends, or we would never see EOF.
+    drop(cmd);
+    let runtime_pid = child.id() as i32;
+    let runtime_exited = reaper.register(runtime_pid, before);
+    let stdout = CappedReader::spawn(out_rx, EXEC_OUTPUT_CAP);
+    let stderr = CappedReader::spawn(err_rx, EXEC_OUTPUT_CAP);
+
+    let runtime_exit =
+        wait_or_kill(reaper, runtime_pid, runtime_exited, Some(RUNTIME_TIMEOUT), &display).await?;
+    if runtime_exit.code != 0 {
+        let log = std::fs::read_to_string(&files.log).unwrap_or_default();
+        return Err(runtime.failed("exec", id, runtime_exit.code, &log));
+    }
+    let pid = files.read_pid().ok_or_else(|| ShimError::BadPidFile {
+        path: files.pid.clone(),
+        content: std::fs::read_to_string(&files.pid).unwrap_or_default(),
+    })?;
+    // The process started after `before`: an older unclaimed exit of its PID is not its own.
+    let mut exited = reaper.register(pid, before);
+
+    let mut timed_out = false;
+    let reaped = match deadline {
+        None => (&mut exited).await.ok(),
+        Some(deadline) => {
+            match tokio::time::timeout_at(deadline.into(), &mut exited).await {
+                Ok(r) => r.ok(),
+                Err(_) => {
+                    timed_out = true;
+                    match exited.try_recv() {
+                        Ok(r) => Some(r),
+                        // Not reaped yet, so the PID is still our child's.
+                        Err(_) => {
+                            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                            tokio::time::timeout(KILL_GRACE, &mut exited)
+                                .await
+                                .ok()
+                                .and_then(|r| r.ok())
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if reaped.is_none() {
+        reaper.unregister(pid);
+    }
+    let (out, err) = tokio::join!(stdout.finish(DRAIN_GRACE), stderr.finish(DRAIN_GRACE));
+    if out.truncated || err.truncated {
+        tracing::warn!(
+            id,
+            stdout_truncated = out.truncated,
+            stderr_truncated = err.truncated,
+            cap = EXEC_OUTPUT_CAP,
+            "exec output truncated"
+        );
+    }
+    let exit_code = match (reaped, timed_out) {
+        (_, true) => -1,
+        (Some(r), false) => r.code,
+        (None, false) => return Err(ShimError::ReaperLost { pid }),
+    };
+    Ok(ExecOutput { stdout: out.data, stderr: err.data, exit_code, timed_out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_files_are_unique_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ExecFiles::new(dir.path());
+        let b = ExecFiles::new(dir.path());
+        assert_ne!(a.process, b.process);
+        std::fs::write(&a.pid, "123\n").unwrap();
+        assert_eq!(a.read_pid(), Some(123));
+        std::fs::write(&a.process, "{}").unwrap();
+        drop(a);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(b.read_pid(), None);
+    }
+}

@@ -1,0 +1,154 @@
+//! berth-shim: drives a runc-compatible OCI runtime binary for berth's containers. It starts
+//! and stops container processes, copies their stdout/stderr into CRI-format log files, reaps
+//! them, records exit codes and times, detects OOM kills from the cgroup, and runs exec
+//! sessions. `Shim` is the interface; `EmbeddedShim` runs inside berthd (the external
+//! `berth-shim` process, a later issue, will implement the same trait).
+//!
+//! Modules: `reaper` (the one process-wide `waitpid(-1)` loop every child goes through),
+//! `runtime_cmd` (runtime invocations), `log` (CRI log files), `oom` (OOM-kill detection),
+//! `exec` (`exec_sync`), `console` (ttys via `--console-socket`), `embedded` (the [`Shim`]
+//! implementation).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+mod console;
+mod embedded;
+mod error;
+mod exec;
+pub mod log;
+pub mod oom;
+mod pipe;
+pub mod reaper;
+mod runtime_cmd;
+mod task;
+
+pub use embedded::{EmbeddedShim, validate_id};
+pub use error::ShimError;
+pub use exec::EXEC_OUTPUT_CAP;
+pub use reaper::{Captured, Reaper, become_subreaper, run_captured};
+
+/// How a container's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Exit {
+    /// Exit code; `128 + signal` when killed by a signal.
+    pub code: i32,
+    /// When it was reaped.
+    pub at: SystemTime,
+    /// The cgroup's OOM-kill counter rose while this task ran (main process only).
+    pub oom_killed: bool,
+}
+
+/// A task (container main process) to create.
+#[derive(Debug, Clone)]
+pub struct CreateTask {
+    /// Container ID (also the runtime's container name).
+    pub id: String,
+    /// The OCI bundle directory (holds `config.json`; rootfs already mounted).
+    pub bundle: PathBuf,
+    /// The OCI runtime binary (`runc`, `/usr/bin/crun`, ...).
+    pub runtime: PathBuf,
+    /// The runtime's `--root` state directory.
+    pub runtime_root: PathBuf,
+    /// The CRI log file to append stdout/stderr to (`None`: discard).
+    pub log_path: Option<PathBuf>,
+    /// The container's memory cgroup directory, for OOM detection (`None`: no detection).
+    pub memory_cgroup: Option<PathBuf>,
+    /// Allocate a terminal.
+    pub tty: bool,
+    /// Keep stdin open.
+    pub stdin: bool,
+}
+
+/// The state of a task as the shim knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskState {
+    /// Created by the runtime, not started.
+    Created {
+        /// Host PID of the container's init.
+        pid: u32,
+    },
+    /// Running.
+    Running {
+        /// Host PID of the container's init.
+        pid: u32,
+    },
+    /// Exited.
+    Exited(Exit),
+}
+
+/// An event from the shim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskEvent {
+    /// A task's main process exited.
+    Exited {
+        /// Container ID.
+        id: String,
+        /// How.
+        exit: Exit,
+    },
+    /// The task's cgroup saw an OOM kill (any process in it).
+    Oom {
+        /// Container ID.
+        id: String,
+    },
+}
+
+/// Output of `exec_sync`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Captured stdout (capped).
+    pub stdout: Vec<u8>,
+    /// Captured stderr (capped).
+    pub stderr: Vec<u8>,
+    /// Exit code (`-1`... when it timed out and was killed: see `timed_out`).
+    pub exit_code: i32,
+    /// The timeout expired and the process was killed.
+    pub timed_out: bool,
+}
+
+/// The interface berth's runtime uses to run containers.
+#[allow(async_fn_in_trait)]
+pub trait Shim: Send + Sync {
+    /// `<runtime> create`: the process exists, stopped before the user's command.
+    fn create(
+        &self,
+        task: CreateTask,
+    ) -> impl std::future::Future<Output = Result<u32, ShimError>> + Send;
+    /// `<runtime> start`.
+    fn start(&self, id: &str) -> impl std::future::Future<Output = Result<(), ShimError>> + Send;
+    /// Sends `signal` to the task's main process (`all`: every process in it).
+    fn kill(
+        &self,
+        id: &str,
+        signal: i32,
+        all: bool,
+    ) -> impl std::future::Future<Output = Result<(), ShimError>> + Send;
+    /// Waits until the task exits, or `timeout` passes (`Ok(None)`).
+    fn wait(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<Option<Exit>, ShimError>> + Send;
+    /// The task's state.
+    fn state(
+        &self,
+        id: &str,
+    ) -> impl std::future::Future<Output = Result<TaskState, ShimError>> + Send;
+    /// `<runtime> delete` (forced if still running); forgets the task. Idempotent.
+    fn delete(&self, id: &str) -> impl std::future::Future<Output = Result<(), ShimError>> + Send;
+    /// Runs `process` (an OCI process JSON) in the task and collects its output.
+    fn exec_sync(
+        &self,
+        id: &str,
+        process: oci_spec::runtime::Process,
+        timeout: Option<Duration>,
+    ) -> impl std::future::Future<Output = Result<ExecOutput, ShimError>> + Send;
+    /// Reopens the task's log file (after the kubelet rotated it).
+    fn reopen_log(
+        &self,
+        id: &str,
+    ) -> impl std::future::Future<Output = Result<(), ShimError>> + Send;
+    /// Subscribes to exits and OOM events of all tasks.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<TaskEvent>;
+}

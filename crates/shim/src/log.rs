@@ -1,0 +1,369 @@
+//! CRI log files: `<RFC3339Nano> <stream> <F|P> <content>\n`.
+//!
+//! Each stream (stdout, stderr) is split into lines; a line longer than
+//! [`MAX_LINE`] bytes is written as `P` (partial) chunks of exactly that size followed by
+//! the rest, and content still without a newline at EOF is written as `P` too (as
+//! containerd does; the kubelet joins `P` records with the next one). Both streams append to
+//! one file opened with `O_APPEND`, one `write(2)` per record, so records never interleave.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{SecondsFormat, Utc};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe::Receiver;
+
+use crate::ShimError;
+
+/// Longest line content in one record (the kubelet's and containerd's default, 16 KiB).
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// Which stream a record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The container's standard output.
+    Stdout,
+    /// The container's standard error.
+    Stderr,
+}
+
+impl Stream {
+    fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Whether a record ends a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tag {
+    /// The content ends a line (`F`).
+    Full,
+    /// The line continues in the next record (`P`).
+    Partial,
+}
+
+/// Splits a byte stream into CRI log records. Pure: feed it chunks as they arrive.
+#[derive(Debug)]
+pub struct LineSplitter {
+    max: usize,
+    pending: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// A splitter with records of at most `max` content bytes (`max > 0`).
+    pub fn new(max: usize) -> Self {
+        LineSplitter { max: max.max(1), pending: Vec::new() }
+    }
+
+    /// Feeds `data`; calls `emit` for every complete record (content without the newline).
+    pub fn push(&mut self, mut data: &[u8], mut emit: impl FnMut(Tag, &[u8])) {
+        while !data.is_empty() {
+            // Invariant: pending.len() <= max. A line of exactly `max` bytes followed by a
+            // newline is one full record, so look one byte further than the room left.
+            let room = self.max - self.pending.len();
+            let window = &data[..data.len().min(room + 1)];
+            if let Some(i) = window.iter().position(|&b| b == b'\n') {
+                self.emit_joined(Tag::Full, &data[..i], &mut emit);
+                data = &data[i + 1..];
+            } else if window.len() == room + 1 {
+                // No newline within max+1 bytes: the first `max` make a partial record.
+                self.emit_joined(Tag::Partial, &data[..room], &mut emit);
+                data = &data[room..];
+            } else {
+                self.pending.extend_from_slice(data);
+                data = &[];
+            }
+        }
+    }
+
+    /// At EOF: emits what is left (a line without newline) as a partial record.
+    pub fn finish(&mut self, mut emit: impl FnMut(Tag, &[u8])) {
+        if !self.pending.is_empty() {
+            emit(Tag::Partial, &self.pending);
+            self.pending.clear();
+        }
+    }
+
+    fn emit_joined(&mut self, tag: Tag, tail: &[u8], emit: &mut impl FnMut(Tag, &[u8])) {
+        if self.pending.is_empty() {
+            emit(tag, tail);
+        } else {
+            self.pending.extend_from_slice(tail);
+            emit(tag, &self.pending);
+            self.pending.clear();
+        }
+    }
+}
+
+/// Formats one record: `<timestamp> <stream> <F|P> <content>\n`.
+pub fn format_record(timestamp: &str, stream: Stream, tag: Tag, content: &[u8]) -> Vec<u8> {
+    let tag = match tag {
+        Tag::Full => "F",
+        Tag::Partial => "P",
+    };
+    let mut line = Vec::with_capacity(timestamp.len() + content.len() + 12);
+    line.extend_from_slice(timestamp.as_bytes());
+    line.push(b' ');
+    line.extend_from_slice(stream.as_str().as_bytes());
+    line.push(b' ');
+    line.extend_from_slice(tag.as_bytes());
+    line.push(b' ');
+    line.extend_from_slice(content);
+    line.push(b'\n');
+    line
+}
+
+/// Now, as the CRI log format wants it: `2016-10-06T00:17:09.669794202Z`.
+pub fn timestamp_now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Nanos, true)
+}
+
+/// A task's CRI log file, shared by its stdout and stderr copiers.
+#[derive(Debug)]
+pub struct LogWriter {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+fn open_log(path: &Path) -> Result<File, ShimError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| ShimError::Io { action: "open log file", path: path.to_owned(), source })
+}
+
+impl LogWriter {
+    /// Opens (creating) `path` for appending; creates its directory if missing.
+    pub fn open(path: &Path) -> Result<Self, ShimError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|source| ShimError::Io {
+                action: "create log directory",
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        Ok(LogWriter { path: path.to_owned(), file: Mutex::new(open_log(path)?) })
+    }
+
+    /// Reopens the file at the same path (the kubelet rotated it away).
+    pub fn reopen(&self) -> Result<(), ShimError> {
+        let new = open_log(&self.path)?;
+        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = new;
+        Ok(())
+    }
+
+    /// Appends one record in a single `write(2)`.
+    pub fn write_record(&self, stream: Stream, tag: Tag, content: &[u8]) {
+        let line = format_record(&timestamp_now(), stream, tag, content);
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        // A regular file in O_APPEND mode takes the whole buffer in one write unless the disk
+        // is full; then the record is lost either way.
+        if let Err(e) = file.write_all(&line) {
+            tracing::warn!(path = %self.path.display(), error = %e, "writing container log");
+        }
+    }
+}
+
+/// Copies one stream of a container into its log file (`None`: discards it) until EOF.
+/// A trailing `\r` is dropped from full lines (as containerd does): terminals end lines
+/// with `\r\n`.
+pub(crate) async fn copy_stream(
+    mut rx: Receiver,
+    stream: Stream,
+    log: Option<std::sync::Arc<LogWriter>>,
+) {
+    let mut splitter = LineSplitter::new(MAX_LINE);
+    let mut buf = vec![0u8; 32 * 1024];
+    let write = |tag: Tag, content: &[u8]| {
+        if let Some(log) = &log {
+            let content = match tag {
+                Tag::Full => content.strip_suffix(b"\r").unwrap_or(content),
+                Tag::Partial => content,
+            };
+            log.write_record(stream, tag, content);
+        }
+    };
+    loop {
+        match rx.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => splitter.push(&buf[..n], write),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // A pty master reads EIO once the last slave fd is closed: that is its EOF.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, stream = stream.as_str(), "reading container output");
+                break;
+            }
+        }
+    }
+    splitter.finish(write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(max: usize, chunks: &[&[u8]]) -> Vec<(Tag, Vec<u8>)> {
+        let mut s = LineSplitter::new(max);
+        let mut out = Vec::new();
+        for c in chunks {
+            s.push(c, |t, b| out.push((t, b.to_vec())));
+        }
+        s.finish(|t, b| out.push((t, b.to_vec())));
+        out
+    }
+
+    fn f(s: &str) -> (Tag, Vec<u8>) {
+        (Tag::Full, s.as_bytes().to_vec())
+    }
+    fn p(s: &str) -> (Tag, Vec<u8>) {
+        (Tag::Partial, s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn full_lines() {
+        assert_eq!(split(16, &[b"a\nbb\n"]), vec![f("a"), f("bb")]);
+    }
+
+    #[test]
+    fn empty_lines_and_empty_input() {
+        assert_eq!(split(16, &[b"\n\n"]), vec![f(""), f("")]);
+        assert_eq!(split(16, &[]), vec![]);
+        assert_eq!(split(16, &[b"", b""]), vec![]);
+    }
+
+    #[test]
+    fn line_spread_over_chunks() {
+        assert_eq!(
+            split(16, &[b"he", b"llo", b" world\nnext", b"\n"]),
+            vec![f("hello world"), f("next")]
+        );
+    }
+
+    #[test]
+    fn trailing_content_without_newline_is_partial() {
+        assert_eq!(split(16, &[b"a\nlast"]), vec![f("a"), p("last")]);
+    }
+
+    #[test]
+    fn long_line_is_split_into_max_chunks() {
+        assert_eq!(split(4, &[b"abcdefghij\n"]), vec![p("abcd"), p("efgh"), f("ij")]);
+    }
+
+    #[test]
+    fn long_line_split_across_chunk_boundaries() {
+        assert_eq!(
+            split(4, &[b"ab", b"cde", b"f", b"ghij", b"k\n"]),
+            vec![p("abcd"), p("efgh"), f("ijk")]
+        );
+    }
+
+    #[test]
+    fn line_of_exactly_max_is_full() {
+        assert_eq!(split(4, &[b"abcd\n"]), vec![f("abcd")]);
+        // Even when the newline arrives in a later chunk.
+        assert_eq!(split(4, &[b"abcd", b"\nx\n"]), vec![f("abcd"), f("x")]);
+    }
+
+    #[test]
+    fn line_of_exactly_max_at_eof_is_partial() {
+        assert_eq!(split(4, &[b"abcd"]), vec![p("abcd")]);
+    }
+
+    #[test]
+    fn multiple_of_max_without_newline() {
+        assert_eq!(split(2, &[b"abcd"]), vec![p("ab"), p("cd")]);
+        assert_eq!(split(2, &[b"abcd\n"]), vec![p("ab"), f("cd")]);
+    }
+
+    #[test]
+    fn max_plus_one_then_newline() {
+        assert_eq!(split(4, &[b"abcde\n"]), vec![p("abcd"), f("e")]);
+    }
+
+    #[test]
+    fn byte_at_a_time_matches_whole() {
+        let input: Vec<u8> =
+            (0..200u8).map(|i| if i % 37 == 0 { b'\n' } else { b'a' + i % 26 }).collect();
+        let whole = split(8, &[&input]);
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(split(8, &bytes), whole);
+        let sevens: Vec<&[u8]> = input.chunks(7).collect();
+        assert_eq!(split(8, &sevens), whole);
+        // Reassembling gives the input back (the final newline-less rest is partial).
+        let mut back = Vec::new();
+        for (t, b) in whole {
+            back.extend_from_slice(&b);
+            if t == Tag::Full {
+                back.push(b'\n');
+            }
+        }
+        assert_eq!(back, input);
+    }
+
+    #[test]
+    fn carriage_returns_and_binary_are_kept() {
+        assert_eq!(split(16, &[b"a\r\n\x00\xff\n"]), vec![f("a\r"), (Tag::Full, vec![0, 0xff])]);
+    }
+
+    #[test]
+    fn default_max_is_16k() {
+        let line = vec![b'x'; MAX_LINE * 2 + 5];
+        let mut input = line.clone();
+        input.push(b'\n');
+        let out = split(MAX_LINE, &[&input]);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0], (Tag::Partial, vec![b'x'; MAX_LINE]));
+        assert_eq!(out[1], (Tag::Partial, vec![b'x'; MAX_LINE]));
+        assert_eq!(out[2], (Tag::Full, vec![b'x'; 5]));
+    }
+
+    #[test]
+    fn record_format() {
+        let ts = "2016-10-06T00:17:09.669794202Z";
+        assert_eq!(
+            format_record(ts, Stream::Stdout, Tag::Full, b"hello"),
+            b"2016-10-06T00:17:09.669794202Z stdout F hello\n".to_vec()
+        );
+        assert_eq!(
+            format_record(ts, Stream::Stderr, Tag::Partial, b""),
+            b"2016-10-06T00:17:09.669794202Z stderr P \n".to_vec()
+        );
+    }
+
+    #[test]
+    fn timestamp_is_rfc3339_nanos_utc() {
+        let ts = timestamp_now();
+        // 2016-10-06T00:17:09.669794202Z
+        assert_eq!(ts.len(), 30, "{ts}");
+        assert!(ts.ends_with('Z'));
+        assert_eq!(&ts[10..11], "T");
+        assert_eq!(&ts[19..20], ".");
+    }
+
+    #[test]
+    fn writer_appends_and_reopens_after_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/0.log");
+        let w = LogWriter::open(&path).unwrap();
+        w.write_record(Stream::Stdout, Tag::Full, b"one");
+        std::fs::rename(&path, dir.path().join("rotated.log")).unwrap();
+        w.reopen().unwrap();
+        w.write_record(Stream::Stderr, Tag::Full, b"two");
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert!(new.ends_with(" stderr F two\n"), "{new}");
+        let old = std::fs::read_to_string(dir.path().join("rotated.log")).unwrap();
+        assert!(old.ends_with(" stdout F one\n"), "{old}");
+    }
+}

@@ -1,0 +1,461 @@
+//! Real containers through `EmbeddedShim` and runc, with a busybox rootfs.
+//!
+//! Needs root, `runc` and a static `/bin/busybox` (skipped with a message otherwise). Each
+//! test uses its own container ID, runtime root and bundle, and force-deletes its container
+//! on the way out, so the tests run in parallel.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_shim::{CreateTask, EmbeddedShim, Shim, ShimError, TaskEvent, TaskState};
+
+const RUNC: &str = "runc";
+
+struct Fixture {
+    id: String,
+    dir: tempfile::TempDir,
+    /// Set when the container gets its own memory cgroup (removed on drop).
+    cgroup: Option<PathBuf>,
+    shim: Arc<EmbeddedShim>,
+}
+
+impl Fixture {
+    fn bundle(&self) -> PathBuf {
+        self.dir.path().join("bundle")
+    }
+    fn runtime_root(&self) -> PathBuf {
+        self.dir.path().join("runc-root")
+    }
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("logs/0.log")
+    }
+
+    fn task(&self) -> CreateTask {
+        CreateTask {
+            id: self.id.clone(),
+            bundle: self.bundle(),
+            runtime: RUNC.into(),
+            runtime_root: self.runtime_root(),
+            log_path: Some(self.log_path()),
+            memory_cgroup: self.cgroup.clone(),
+            tty: false,
+            stdin: false,
+        }
+    }
+
+    async fn create_and_start(&self) -> u32 {
+        let pid = self.shim.create(self.task()).await.expect("create");
+        self.shim.start(&self.id).await.expect("start");
+        pid
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Synchronous, best effort: the container must not outlive a failed test.
+        let _ = std::process::Command::new(RUNC)
+            .arg("--root")
+            .arg(self.runtime_root())
+            .args(["delete", "--force", &self.id])
+            .stderr(std::process::Stdio::null())
+            .status();
+        if let Some(cg) = &self.cgroup {
+            let _ = std::fs::remove_dir(cg);
+        }
+    }
+}
+
+fn available() -> bool {
+    let ok = nix::unistd::geteuid().is_root()
+        && Path::new("/bin/busybox").exists()
+        && std::process::Command::new(RUNC)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipping: needs root, runc and /bin/busybox");
+    }
+    ok
+}
+
+/// A bundle running `args`; `memory_limit` gives the container its own memory cgroup.
+fn fixture(name: &str, args: &[&str], memory_limit: Option<i64>) -> Fixture {
+    let id = format!("berth-shim-{name}-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let shim = EmbeddedShim::new(dir.path().join("state")).unwrap();
+    let rootfs = dir.path().join("bundle/rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.path().join("runc-root")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for applet in ["sh", "echo", "sleep", "cat", "tail", "printf", "true", "false", "head"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let mut linux = serde_json::json!({
+        "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+    });
+    let mut cgroup = None;
+    if let Some(limit) = memory_limit {
+        // Absolute and one level deep, so runc's own cleanup removes all of it.
+        let cg_name = format!("berth-shim-test-{id}");
+        linux["cgroupsPath"] = format!("/{cg_name}").into();
+        linux["resources"] = serde_json::json!({"memory": {"limit": limit, "swap": limit}});
+        cgroup = Some(PathBuf::from("/sys/fs/cgroup/memory").join(cg_name));
+    }
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+        },
+        "root": {"path": "rootfs"},
+        "hostname": "shim-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "mode=755"]},
+        ],
+        "linux": linux,
+    });
+    std::fs::write(
+        dir.path().join("bundle/config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    Fixture { id, dir, cgroup, shim }
+}
+
+fn process(args: &[&str]) -> oci_spec::runtime::Process {
+    serde_json::from_value(serde_json::json!({
+        "terminal": false,
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": ["PATH=/bin"],
+        "cwd": "/",
+    }))
+    .unwrap()
+}
+
+/// (stream, tag, content) of every CRI log line, checking the timestamp format.
+fn read_log(path: &Path) -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .map(|line| {
+            let mut parts = line.splitn(4, ' ');
+            let ts = parts.next().unwrap();
+            assert_eq!(ts.len(), 30, "timestamp {ts:?} in {line:?}");
+            assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
+            let stream = parts.next().unwrap().to_owned();
+            let tag = parts.next().unwrap().to_owned();
+            let content = parts.next().unwrap_or("").to_owned();
+            (stream, tag, content)
+        })
+        .collect()
+}
+
+fn rec(stream: &str, tag: &str, content: &str) -> (String, String, String) {
+    (stream.into(), tag.into(), content.into())
+}
+
+#[tokio::test]
+async fn run_exit_code_and_logs() {
+    if !available() {
+        return;
+    }
+    let f = fixture(
+        "exit",
+        &["/bin/sh", "-c", "echo hello; echo oops >&2; printf partial; exit 3"],
+        None,
+    );
+    let mut events = f.shim.subscribe();
+    let pid = f.shim.create(f.task()).await.expect("create");
+    assert_eq!(f.shim.state(&f.id).await.unwrap(), TaskState::Created { pid });
+    // A second create with the same ID is refused.
+    assert!(matches!(f.shim.create(f.task()).await, Err(ShimError::AlreadyExists { .. })));
+    f.shim.start(&f.id).await.expect("start");
+    let exit = f.shim.wait(&f.id, Duration::from_secs(30)).await.unwrap().expect("exited");
+    assert_eq!(exit.code, 3);
+    assert!(!exit.oom_killed);
+    assert_eq!(f.shim.state(&f.id).await.unwrap(), TaskState::Exited(exit));
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+    assert_eq!(ev, TaskEvent::Exited { id: f.id.clone(), exit });
+    // Logs are complete once the exit is published.
+    let log = read_log(&f.log_path());
+    assert_eq!(log.len(), 3, "{log:?}");
+    assert!(log.contains(&rec("stdout", "F", "hello")), "{log:?}");
+    assert!(log.contains(&rec("stderr", "F", "oops")), "{log:?}");
+    assert!(log.contains(&rec("stdout", "P", "partial")), "{log:?}");
+    // Killing an exited task is fine.
+    f.shim.kill(&f.id, libc::SIGKILL, false).await.unwrap();
+
+    f.shim.delete(&f.id).await.unwrap();
+    assert!(matches!(f.shim.state(&f.id).await, Err(ShimError::NotFound { .. })));
+    f.shim.delete(&f.id).await.unwrap();
+    assert!(!f.dir.path().join("state").join(&f.id).exists());
+}
+
+#[tokio::test]
+async fn kill_with_sigterm() {
+    if !available() {
+        return;
+    }
+    let f = fixture(
+        "kill",
+        &["/bin/sh", "-c", "trap 'echo term; exit 7' TERM; echo ready; sleep 1000 & wait"],
+        None,
+    );
+    f.create_and_start().await;
+    // Wait until the trap is installed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(f.log_path()).unwrap_or_default().contains("ready") {
+        assert!(Instant::now() < deadline, "container never got ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(f.shim.wait(&f.id, Duration::from_millis(100)).await.unwrap().is_none());
+    f.shim.kill(&f.id, libc::SIGTERM, false).await.unwrap();
+    let exit = f.shim.wait(&f.id, Duration::from_secs(30)).await.unwrap().expect("exited");
+    assert_eq!(exit.code, 7);
+    assert!(read_log(&f.log_path()).contains(&rec("stdout", "F", "term")));
+    f.shim.delete(&f.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_kills_running_task() {
+    if !available() {
+        return;
+    }
+    let f = fixture("delete", &["/bin/sleep", "1000"], None);
+    f.create_and_start().await;
+    let mut events = f.shim.subscribe();
+    f.shim.delete(&f.id).await.unwrap();
+    // The killed process's exit was published before the task was forgotten.
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+    assert!(
+        matches!(ev, TaskEvent::Exited { ref id, exit } if *id == f.id && exit.code == 137),
+        "{ev:?}"
+    );
+}
+
+#[tokio::test]
+async fn create_failure_reports_runtime_error() {
+    if !available() {
+        return;
+    }
+    let f = fixture("badexe", &["/bin/does-not-exist"], None);
+    let err = f.shim.create(f.task()).await.unwrap_err();
+    match &err {
+        ShimError::RuntimeFailed { id, stderr, .. } => {
+            assert_eq!(id, &f.id);
+            assert!(stderr.contains("does-not-exist"), "{err}");
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    assert!(matches!(f.shim.state(&f.id).await, Err(ShimError::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn exec_sync_output_code_and_timeout() {
+    if !available() {
+        return;
+    }
+    let f = fixture("exec", &["/bin/sleep", "1000"], None);
+    f.create_and_start().await;
+
+    let out = f
+        .shim
+        .exec_sync(
+            &f.id,
+            process(&["/bin/sh", "-c", "echo out; echo err >&2; exit 5"]),
+            Some(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.exit_code, 5);
+    assert!(!out.timed_out);
+
+    // Timeout: the process is killed and the call returns promptly.
+    let started = Instant::now();
+    let out = f
+        .shim
+        .exec_sync(&f.id, process(&["/bin/sleep", "100"]), Some(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert!(out.timed_out);
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+
+    // A background child holding the pipes open does not hang the call.
+    let started = Instant::now();
+    let out = f
+        .shim
+        .exec_sync(
+            &f.id,
+            process(&["/bin/sh", "-c", "sleep 100 & echo done"]),
+            Some(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"done\n");
+    assert_eq!(out.exit_code, 0);
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+
+    // The runtime's own failure is an error, not an exit code.
+    let err = f
+        .shim
+        .exec_sync(&f.id, process(&["/bin/nope"]), Some(Duration::from_secs(30)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ShimError::RuntimeFailed { .. }), "{err}");
+
+    // No per-exec files left behind.
+    let task_dir = f.dir.path().join("state").join(&f.id);
+    let leftovers: Vec<_> = std::fs::read_dir(&task_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("exec-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    f.shim.kill(&f.id, libc::SIGKILL, false).await.unwrap();
+    let exit = f.shim.wait(&f.id, Duration::from_secs(30)).await.unwrap().expect("exited");
+    assert_eq!(exit.code, 137);
+    assert!(!exit.oom_killed);
+    assert!(matches!(
+        f.shim.exec_sync(&f.id, process(&["/bin/true"]), None).await,
+        Err(ShimError::NotRunning { .. })
+    ));
+    f.shim.delete(&f.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn exec_sync_large_output() {
+    if !available() {
+        return;
+    }
+    let f = fixture("bigexec", &["/bin/sleep", "1000"], None);
+    f.create_and_start().await;
+    // 4 MiB of output (far beyond a pipe buffer) arrives complete.
+    let out = f
+        .shim
+        .exec_sync(
+            &f.id,
+            process(&["/bin/head", "-c", "4194304", "/dev/zero"]),
+            Some(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.stdout.len(), 4 << 20);
+    f.shim.delete(&f.id).await.unwrap();
+}
+
+fn memory_cgroup_v1() -> bool {
+    Path::new("/sys/fs/cgroup/memory/memory.oom_control").exists()
+}
+
+#[tokio::test]
+async fn oom_kill_of_main_process() {
+    if !available() || !memory_cgroup_v1() {
+        return;
+    }
+    // `tail` keeps the current (endless, newline-free) line in memory.
+    let f = fixture("oom", &["/bin/sh", "-c", "sleep 1; tail /dev/zero"], Some(32 << 20));
+    let mut events = f.shim.subscribe();
+    f.create_and_start().await;
+    let exit = f.shim.wait(&f.id, Duration::from_secs(60)).await.unwrap().expect("exited");
+    assert_eq!(exit.code, 137);
+    assert!(exit.oom_killed);
+    let mut saw_oom = false;
+    while let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
+        saw_oom |= ev == TaskEvent::Oom { id: f.id.clone() };
+    }
+    assert!(saw_oom);
+    f.shim.delete(&f.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn oom_kill_of_exec_does_not_mark_main_process() {
+    if !available() || !memory_cgroup_v1() {
+        return;
+    }
+    let f = fixture(
+        "execoom",
+        &["/bin/sh", "-c", "trap 'exit 7' TERM; sleep 1000 & wait"],
+        Some(32 << 20),
+    );
+    let mut events = f.shim.subscribe();
+    f.create_and_start().await;
+    let out = f
+        .shim
+        .exec_sync(&f.id, process(&["/bin/tail", "/dev/zero"]), Some(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 137);
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.unwrap().unwrap();
+    assert_eq!(ev, TaskEvent::Oom { id: f.id.clone() });
+    f.shim.kill(&f.id, libc::SIGTERM, false).await.unwrap();
+    let exit = f.shim.wait(&f.id, Duration::from_secs(30)).await.unwrap().expect("exited");
+    assert_eq!(exit.code, 7);
+    assert!(!exit.oom_killed);
+    f.shim.delete(&f.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn reopen_log_after_rotation() {
+    if !available() {
+        return;
+    }
+    let f = fixture("rotate", &["/bin/sh", "-c", "echo one; read x; echo two"], None);
+    let mut task = f.task();
+    task.stdin = true;
+    f.shim.create(task).await.unwrap();
+    f.shim.start(&f.id).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(f.log_path()).unwrap_or_default().contains("one") {
+        assert!(Instant::now() < deadline, "no output");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // stdin stays open: `read` blocks, the task keeps running.
+    assert!(matches!(f.shim.state(&f.id).await.unwrap(), TaskState::Running { .. }));
+    let rotated = f.dir.path().join("logs/0.log.1");
+    std::fs::rename(f.log_path(), &rotated).unwrap();
+    f.shim.reopen_log(&f.id).await.unwrap();
+    assert!(std::fs::read_to_string(f.log_path()).unwrap().is_empty());
+    f.shim.delete(&f.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn tty_output_is_logged() {
+    if !available() {
+        return;
+    }
+    let f = fixture("tty", &["/bin/sh", "-c", "[ -t 1 ] && echo tty-hello; exit 4"], None);
+    let config_path = f.bundle().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["process"]["terminal"] = true.into();
+    config["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+        "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+        "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+    }));
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let mut task = f.task();
+    task.tty = true;
+    f.shim.create(task).await.expect("create with tty");
+    f.shim.start(&f.id).await.unwrap();
+    let exit = f.shim.wait(&f.id, Duration::from_secs(30)).await.unwrap().expect("exited");
+    assert_eq!(exit.code, 4);
+    let log = read_log(&f.log_path());
+    assert_eq!(log, vec![rec("stdout", "F", "tty-hello")]);
+    f.shim.delete(&f.id).await.unwrap();
+    // The console socket is gone.
+    let leftovers: Vec<_> =
+        std::fs::read_dir(f.dir.path().join("state")).unwrap().filter_map(|e| e.ok()).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
