@@ -316,7 +316,7 @@ async fn abandon(runtime: &RuntimeCmd, id: &str, dir: &Path, copiers: &[JoinHand
 }
 
 /// `<runtime> delete --force <id>`, where "does not exist" is success.
-async fn runtime_delete(runtime: &RuntimeCmd, id: &str) -> Result<(), ShimError> {
+pub(crate) async fn runtime_delete(runtime: &RuntimeCmd, id: &str) -> Result<(), ShimError> {
     match runtime.run(id, "delete", &[OsStr::new("--force"), OsStr::new(id)]).await {
         Ok(_) => Ok(()),
         Err(ShimError::RuntimeFailed { stderr, .. }) if is_not_exist(&stderr) => Ok(()),

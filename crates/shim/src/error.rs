@@ -126,4 +126,84 @@ pub enum ShimError {
         /// The process.
         pid: i32,
     },
+    /// I/O on the connection to an external shim failed.
+    #[error("shim connection {path}: {action}: {source}")]
+    Wire {
+        /// What we tried, e.g. `connect`, `read frame`.
+        action: &'static str,
+        /// The shim's socket.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A frame from the other side of a shim connection is not a valid protobuf message.
+    #[error("undecodable shim message: {source}")]
+    Decode {
+        /// The underlying error.
+        #[source]
+        source: prost::DecodeError,
+    },
+    /// A frame announced a length above the protocol's limit.
+    #[error("shim frame of {len} bytes exceeds the limit")]
+    FrameTooLarge {
+        /// The announced length.
+        len: usize,
+    },
+    /// The shim answered with a message of the wrong kind (a protocol bug or version skew).
+    #[error("unexpected shim response (wanted {expected})")]
+    UnexpectedResponse {
+        /// What the request should have produced.
+        expected: &'static str,
+    },
+    /// A request lacked a field it needs (a protocol bug or version skew).
+    #[error("bad shim request: {detail}")]
+    BadRequest {
+        /// What was wrong.
+        detail: &'static str,
+    },
+    /// The external shim failed internally (I/O, spawning, a system call); its own rendering
+    /// of the error, which cannot cross the process boundary with its source.
+    #[error("shim error: {message}")]
+    Remote {
+        /// Task the error is about (may be empty).
+        id: String,
+        /// The shim's error message.
+        message: String,
+    },
+    /// The pod's shim still has tasks and was not told to delete them.
+    #[error("shim of pod {pod_id} still has tasks")]
+    ShimBusy {
+        /// The pod.
+        pod_id: String,
+    },
+    /// `ExternalShim::create` for a container not bound to a pod with `bind_container`.
+    #[error("container {id} is not bound to a pod sandbox")]
+    PodNotBound {
+        /// Container ID.
+        id: String,
+    },
+    /// An external shim process did not come up.
+    #[error("shim for pod {pod_id} did not start: {detail}")]
+    ShimStart {
+        /// The pod.
+        pod_id: String,
+        /// Why: its exit code, or the time waited, and the tail of its log.
+        detail: String,
+    },
+    /// The pod's shim process is gone (its tasks are reported as exited).
+    #[error("shim of pod {pod_id} is gone")]
+    ShimGone {
+        /// The pod.
+        pod_id: String,
+    },
+    /// A task state file could not be encoded or parsed.
+    #[error("task state file {path}: {source}")]
+    StateFile {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: serde_json::Error,
+    },
 }

@@ -1,31 +1,38 @@
 //! berth-shim: drives a runc-compatible OCI runtime binary for berth's containers. It starts
 //! and stops container processes, copies their stdout/stderr into CRI-format log files, reaps
 //! them, records exit codes and times, detects OOM kills from the cgroup, and runs exec
-//! sessions. `Shim` is the interface; `EmbeddedShim` runs inside berthd (the external
-//! `berth-shim` process, a later issue, will implement the same trait).
+//! sessions. `Shim` is the interface; `EmbeddedShim` runs inside berthd, `ExternalShim`
+//! talks to one `berth-shim` process per pod (which outlives berthd), and `AnyShim` is
+//! whichever of the two `berth.toml` chose.
 //!
 //! Modules: `reaper` (the one process-wide `waitpid(-1)` loop every child goes through),
 //! `runtime_cmd` (runtime invocations), `log` (CRI log files), `oom` (OOM-kill detection),
 //! `exec` (`exec_sync`), `console` (ttys via `--console-socket`), `embedded` (the [`Shim`]
-//! implementation).
+//! implementation), `external` (the `berth-shim` server, its client and wire format),
+//! `state_file` (the external shim's per-task exit records), `any` (the [`AnyShim`] choice).
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+mod any;
 mod console;
 mod embedded;
 mod error;
 mod exec;
+pub mod external;
 pub mod log;
 pub mod oom;
 mod pipe;
 pub mod reaper;
 mod runtime_cmd;
+pub mod state_file;
 mod task;
 
+pub use any::AnyShim;
 pub use embedded::{EmbeddedShim, validate_id};
 pub use error::ShimError;
 pub use exec::EXEC_OUTPUT_CAP;
+pub use external::{ExternalShim, RecoveredTask};
 pub use reaper::{Captured, Reaper, become_subreaper, run_captured};
 
 /// How a container's process ended.
@@ -151,4 +158,16 @@ pub trait Shim: Send + Sync {
     ) -> impl std::future::Future<Output = Result<(), ShimError>> + Send;
     /// Subscribes to exits and OOM events of all tasks.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<TaskEvent>;
+    /// Tells the shim which pod sandbox a container belongs to; call before `create`. The
+    /// external shim routes a container to its pod's shim process by it; the embedded one
+    /// needs nothing.
+    fn bind_container(&self, _container_id: &str, _pod_id: &str) {}
+    /// The pod sandbox is being removed (its containers deleted already): release what the
+    /// shim keeps for it. The external shim stops the pod's shim process.
+    fn release_pod(
+        &self,
+        _pod_id: &str,
+    ) -> impl std::future::Future<Output = Result<(), ShimError>> + Send {
+        async { Ok(()) }
+    }
 }

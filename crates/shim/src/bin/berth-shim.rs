@@ -1,0 +1,64 @@
+//! `berth-shim`: one per pod sandbox, started by berthd's `ExternalShim`. It runs the pod's
+//! containers and exec sessions through the OCI runtime, writes their CRI logs, records
+//! their exits and serves the shim API on `<dir>/shim.sock`. It lives in a session of its
+//! own, so it outlives berthd; it exits when berthd asks it to (`shutdown`).
+//!
+//! Usage: `berth-shim --dir <shim dir> --pod <pod id>`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use berth_shim::external::{ServerConfig, serve};
+
+fn usage() -> ExitCode {
+    eprintln!("usage: berth-shim --dir <shim dir> --pod <pod id>");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let mut dir = None;
+    let mut pod = None;
+    let mut args = std::env::args_os().skip(1);
+    while let Some(a) = args.next() {
+        match a.to_str() {
+            Some("--dir") => dir = args.next().map(PathBuf::from),
+            Some("--pod") => pod = args.next().and_then(|p| p.into_string().ok()),
+            _ => return usage(),
+        }
+    }
+    let (Some(dir), Some(pod_id)) = (dir, pod) else {
+        return usage();
+    };
+    if let Err(e) = berth_shim::validate_id(&pod_id) {
+        eprintln!("berth-shim: {e}");
+        return ExitCode::from(2);
+    }
+    // Absolute before the chdir below.
+    let dir = match std::path::absolute(&dir) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("berth-shim: {}: {e}", dir.display());
+            return ExitCode::from(2);
+        }
+    };
+    // A session of our own: berthd's terminal, process group and death are not ours. Fails
+    // only if we lead a process group already, which is as good.
+    let _ = nix::unistd::setsid();
+    // Our working directory must not pin whatever berthd ran in.
+    let _ = std::env::set_current_dir("/");
+    // One thread for the API and the log copiers (plus the reaper's): small and enough.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("berth-shim: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(ServerConfig { dir, pod_id })) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth-shim: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

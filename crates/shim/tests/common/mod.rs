@@ -1,0 +1,78 @@
+//! Helpers shared by the real-runc tests: availability check and a busybox bundle.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+
+/// The OCI runtime the tests drive.
+pub const RUNC: &str = "runc";
+
+/// Root, runc and a static busybox are present (prints why not otherwise).
+pub fn available() -> bool {
+    let ok = nix::unistd::geteuid().is_root()
+        && Path::new("/bin/busybox").exists()
+        // Looked up rather than run: a spawn here would race with the reaper of a test
+        // that already started it (and be skipped for a lost exit status).
+        && std::env::var_os("PATH").is_some_and(|p| {
+            std::env::split_paths(&p).any(|d| d.join(RUNC).is_file())
+        });
+    if !ok {
+        eprintln!("skipping: needs root, runc and /bin/busybox");
+    }
+    ok
+}
+
+/// Writes `<bundle>/config.json` and a busybox rootfs (with `/tmp`) running `args`.
+pub fn write_bundle(bundle: &Path, args: &[&str]) {
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::create_dir_all(rootfs.join("tmp")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for applet in ["sh", "echo", "sleep", "cat", "touch", "true", "false", "test", "["] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+        },
+        "root": {"path": "rootfs"},
+        "hostname": "shim-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "mode=755"]},
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+        },
+    });
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap())
+        .unwrap();
+}
+
+/// An OCI process running `args`.
+pub fn process(args: &[&str]) -> oci_spec::runtime::Process {
+    serde_json::from_value(serde_json::json!({
+        "terminal": false,
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": ["PATH=/bin"],
+        "cwd": "/",
+    }))
+    .unwrap()
+}
+
+/// `runc delete --force`, synchronously and best effort.
+pub fn runc_delete(runtime_root: &Path, id: &str) {
+    let _ = std::process::Command::new(RUNC)
+        .arg("--root")
+        .arg(runtime_root)
+        .args(["delete", "--force", id])
+        .stderr(std::process::Stdio::null())
+        .status();
+}
