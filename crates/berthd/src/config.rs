@@ -25,6 +25,37 @@ pub struct Config {
     pub image: ImageSection,
     /// Registry mirrors and plain-HTTP hosts.
     pub registry: RegistrySection,
+    /// Pods and containers: OCI runtimes, seccomp profiles, cgroups.
+    pub runtime: RuntimeSection,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// The handler used when a pod names none (`runtime_handler` "").
+    pub default_handler: String,
+    /// Runtime handlers (RuntimeClass handlers): name → OCI runtime binary; a bare name is
+    /// looked up in `PATH`.
+    pub handlers: BTreeMap<String, PathBuf>,
+    /// Directory that relative Localhost seccomp profiles are resolved in.
+    pub seccomp_profile_root: PathBuf,
+    /// Parent cgroup (cgroupfs) of pods whose config names none; each gets `pod-<id>` in it.
+    pub cgroup_parent: String,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        Self {
+            default_handler: "runc".to_string(),
+            handlers: BTreeMap::from([
+                ("runc".to_string(), PathBuf::from("runc")),
+                ("crun".to_string(), PathBuf::from("crun")),
+            ]),
+            seccomp_profile_root: PathBuf::from("/var/lib/kubelet/seccomp"),
+            cgroup_parent: "/berth".to_string(),
+        }
+    }
 }
 
 /// `[metrics]`.
@@ -63,6 +94,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             image: ImageSection::default(),
             registry: RegistrySection::default(),
+            runtime: RuntimeSection::default(),
         }
     }
 }
@@ -122,6 +154,15 @@ impl Config {
             "image.max_concurrent_downloads must be at least 1"
         );
         self.metrics_address()?;
+        anyhow::ensure!(
+            self.runtime.handlers.contains_key(&self.runtime.default_handler),
+            "runtime.default_handler {:?} is not in runtime.handlers",
+            self.runtime.default_handler
+        );
+        anyhow::ensure!(
+            self.runtime.cgroup_parent.starts_with('/'),
+            "runtime.cgroup_parent must start with /"
+        );
         for (host, endpoints) in &self.registry.mirrors {
             for endpoint in endpoints {
                 anyhow::ensure!(
@@ -151,11 +192,22 @@ mod tests {
     }
 
     #[test]
-    fn mirrors_parse() {
+    fn runtime_section_parses() {
         let config: Config = toml::from_str(
-            "[registry.mirrors]\n\"docker.io\" = [\"http://127.0.0.1:5001\"]\n",
+            "[runtime]\ndefault_handler = \"crun\"\n[runtime.handlers]\ncrun = \"/usr/bin/crun\"\n",
         )
         .expect("parse");
+        assert_eq!(config.runtime.handlers["crun"], PathBuf::from("/usr/bin/crun"));
+        config.validate().expect("valid");
+        let bad: Config = toml::from_str("[runtime]\ndefault_handler = \"kata\"\n").expect("parse");
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn mirrors_parse() {
+        let config: Config =
+            toml::from_str("[registry.mirrors]\n\"docker.io\" = [\"http://127.0.0.1:5001\"]\n")
+                .expect("parse");
         assert_eq!(config.registry.mirrors["docker.io"], vec!["http://127.0.0.1:5001"]);
         config.validate().expect("valid");
     }

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use berth_cri::instrument::{InstrumentLayer, Readiness};
 use berth_image::{ImageConfig, ImageStore, RegistryConfig};
+use berth_runtime::{Runtime, RuntimeConfig};
+use berth_shim::EmbeddedShim;
 use berth_snapshot::Snapshotter;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -71,9 +73,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
     )?);
 
+    let shim =
+        EmbeddedShim::new(config.state.join("shim")).context("cannot start the embedded shim")?;
+    let pod_init_program =
+        std::env::current_exe().context("cannot find berthd's own executable")?;
+    let runtime = Runtime::open(
+        RuntimeConfig {
+            state_dir: config.state.clone(),
+            default_handler: config.runtime.default_handler.clone(),
+            handlers: config.runtime.handlers.clone(),
+            seccomp_profile_root: config.runtime.seccomp_profile_root.clone(),
+            cgroup_parent: config.runtime.cgroup_parent.clone(),
+            pod_init_program,
+        },
+        db.clone(),
+        images.clone(),
+        snapshots.clone(),
+        shim,
+    )
+    .context("cannot open the pod and container runtime")?;
+    images.set_snapshot_users(runtime.snapshot_users());
+
     let readiness = Readiness::default();
-    let (runtime_service, image_service) =
-        berth_cri::services(berth_cri::Backends { images: images.clone() });
+    let (runtime_service, image_service) = berth_cri::services(berth_cri::Backends {
+        images: images.clone(),
+        runtime: runtime.clone(),
+    });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -91,7 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let listener = crate::socket::bind(&config.listen).await?;
     tracing::info!(socket = %config.listen.display(), root = %config.root.display(), "berthd serving the CRI");
-    // Nothing to recover yet: the stores are consistent as soon as they are open.
+    // Runtime::open has recovered the pod and container records before we get here.
     readiness.set_ready();
 
     let server = tonic::transport::Server::builder()

@@ -86,6 +86,11 @@ impl Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `berthd pod-init <pod dir>`: the PID 1 of a pod's shared PID namespace, started by the
+    // runtime. Checked before anything else, while the process is still single-threaded.
+    if std::env::args_os().nth(1).is_some_and(|a| a == berth_runtime::POD_INIT_COMMAND) {
+        berth_runtime::pod_init::run();
+    }
     let cli = Cli::parse();
     if let Some(Command::Config { action: ConfigAction::Default }) = cli.command {
         print!("{}", Config::default_toml()?);

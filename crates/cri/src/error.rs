@@ -35,3 +35,18 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
 pub(crate) fn missing(field: &str) -> Status {
     Status::invalid_argument(format!("{field} is required"))
 }
+
+/// Maps a runtime error to the status the kubelet expects (containerd's codes).
+pub(crate) fn runtime_status(err: berth_runtime::RuntimeError) -> Status {
+    use berth_runtime::ErrorClass;
+    let code = match err.class() {
+        ErrorClass::InvalidArgument => Code::InvalidArgument,
+        ErrorClass::NotFound => Code::NotFound,
+        ErrorClass::AlreadyExists => Code::AlreadyExists,
+        ErrorClass::FailedPrecondition => Code::FailedPrecondition,
+        ErrorClass::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorClass::Unimplemented => Code::Unimplemented,
+        ErrorClass::Internal => Code::Internal,
+    };
+    Status::new(code, error_chain(&err))
+}

@@ -4,9 +4,11 @@
 //! Cross-cutting work (tracing spans, metrics, the readiness gate) happens once, in
 //! [`instrument::InstrumentLayer`], not in each handler.
 
+mod container;
 mod error;
 mod image_service;
 pub mod instrument;
+mod pod_sandbox;
 mod runtime_service;
 
 use std::sync::Arc;
@@ -28,6 +30,8 @@ pub const CRI_API_VERSION: &str = "v1";
 pub struct Backends {
     /// Images: pull, list, remove.
     pub images: Arc<ImageStore>,
+    /// Pod sandboxes and containers.
+    pub runtime: Arc<berth_runtime::Runtime>,
 }
 
 /// Both CRI gRPC services, ready to add to a tonic server.

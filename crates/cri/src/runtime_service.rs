@@ -9,13 +9,18 @@ use crate::{Backends, CRI_API_VERSION, RUNTIME_NAME};
 
 /// The CRI `RuntimeService` over berth's runtime.
 pub struct RuntimeApi {
-    _backends: Backends,
+    backends: Backends,
 }
 
 impl RuntimeApi {
     /// The service over `backends`.
     pub fn new(backends: Backends) -> Self {
-        Self { _backends: backends }
+        Self { backends }
+    }
+
+    /// The pod and container runtime (shared: some calls finish in a task of their own).
+    pub(crate) fn runtime(&self) -> &std::sync::Arc<berth_runtime::Runtime> {
+        &self.backends.runtime
     }
 }
 
@@ -32,7 +37,7 @@ fn unimplemented<T>(call: &str) -> Result<Response<T>, Status> {
     Err(Status::unimplemented(format!("{call} is not implemented by berth yet")))
 }
 
-type EventStream = std::pin::Pin<
+pub(crate) type EventStream = std::pin::Pin<
     Box<dyn futures::Stream<Item = Result<ContainerEventResponse, Status>> + Send + 'static>,
 >;
 
@@ -66,7 +71,18 @@ impl RuntimeService for RuntimeApi {
         Ok(Response::new(StatusResponse {
             status: Some(RuntimeStatus { conditions }),
             info: Default::default(),
-            runtime_handlers: vec![],
+            runtime_handlers: self
+                .runtime()
+                .handlers()
+                .into_iter()
+                .map(|name| RuntimeHandler {
+                    name,
+                    features: Some(RuntimeHandlerFeatures {
+                        recursive_read_only_mounts: false,
+                        user_namespaces: false,
+                    }),
+                })
+                .collect(),
             features: None,
         }))
     }
@@ -89,100 +105,100 @@ impl RuntimeService for RuntimeApi {
 
     async fn run_pod_sandbox(
         &self,
-        _request: Request<RunPodSandboxRequest>,
+        request: Request<RunPodSandboxRequest>,
     ) -> Result<Response<RunPodSandboxResponse>, Status> {
-        unimplemented("RunPodSandbox")
+        Ok(Response::new(self.do_run_pod_sandbox(request.into_inner()).await?))
     }
 
     async fn stop_pod_sandbox(
         &self,
-        _request: Request<StopPodSandboxRequest>,
+        request: Request<StopPodSandboxRequest>,
     ) -> Result<Response<StopPodSandboxResponse>, Status> {
-        unimplemented("StopPodSandbox")
+        Ok(Response::new(self.do_stop_pod_sandbox(request.into_inner()).await?))
     }
 
     async fn remove_pod_sandbox(
         &self,
-        _request: Request<RemovePodSandboxRequest>,
+        request: Request<RemovePodSandboxRequest>,
     ) -> Result<Response<RemovePodSandboxResponse>, Status> {
-        unimplemented("RemovePodSandbox")
+        Ok(Response::new(self.do_remove_pod_sandbox(request.into_inner()).await?))
     }
 
     async fn pod_sandbox_status(
         &self,
-        _request: Request<PodSandboxStatusRequest>,
+        request: Request<PodSandboxStatusRequest>,
     ) -> Result<Response<PodSandboxStatusResponse>, Status> {
-        unimplemented("PodSandboxStatus")
+        Ok(Response::new(self.do_pod_sandbox_status(request.into_inner())?))
     }
 
     async fn list_pod_sandbox(
         &self,
-        _request: Request<ListPodSandboxRequest>,
+        request: Request<ListPodSandboxRequest>,
     ) -> Result<Response<ListPodSandboxResponse>, Status> {
-        unimplemented("ListPodSandbox")
+        Ok(Response::new(self.do_list_pod_sandbox(request.into_inner())))
     }
 
     async fn create_container(
         &self,
-        _request: Request<CreateContainerRequest>,
+        request: Request<CreateContainerRequest>,
     ) -> Result<Response<CreateContainerResponse>, Status> {
-        unimplemented("CreateContainer")
+        Ok(Response::new(self.do_create_container(request.into_inner()).await?))
     }
 
     async fn start_container(
         &self,
-        _request: Request<StartContainerRequest>,
+        request: Request<StartContainerRequest>,
     ) -> Result<Response<StartContainerResponse>, Status> {
-        unimplemented("StartContainer")
+        Ok(Response::new(self.do_start_container(request.into_inner()).await?))
     }
 
     async fn stop_container(
         &self,
-        _request: Request<StopContainerRequest>,
+        request: Request<StopContainerRequest>,
     ) -> Result<Response<StopContainerResponse>, Status> {
-        unimplemented("StopContainer")
+        Ok(Response::new(self.do_stop_container(request.into_inner()).await?))
     }
 
     async fn remove_container(
         &self,
-        _request: Request<RemoveContainerRequest>,
+        request: Request<RemoveContainerRequest>,
     ) -> Result<Response<RemoveContainerResponse>, Status> {
-        unimplemented("RemoveContainer")
+        Ok(Response::new(self.do_remove_container(request.into_inner()).await?))
     }
 
     async fn list_containers(
         &self,
-        _request: Request<ListContainersRequest>,
+        request: Request<ListContainersRequest>,
     ) -> Result<Response<ListContainersResponse>, Status> {
-        unimplemented("ListContainers")
+        Ok(Response::new(self.do_list_containers(request.into_inner())))
     }
 
     async fn container_status(
         &self,
-        _request: Request<ContainerStatusRequest>,
+        request: Request<ContainerStatusRequest>,
     ) -> Result<Response<ContainerStatusResponse>, Status> {
-        unimplemented("ContainerStatus")
+        Ok(Response::new(self.do_container_status(request.into_inner())?))
     }
 
     async fn update_container_resources(
         &self,
-        _request: Request<UpdateContainerResourcesRequest>,
+        request: Request<UpdateContainerResourcesRequest>,
     ) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
-        unimplemented("UpdateContainerResources")
+        Ok(Response::new(self.do_update_container_resources(request.into_inner()).await?))
     }
 
     async fn reopen_container_log(
         &self,
-        _request: Request<ReopenContainerLogRequest>,
+        request: Request<ReopenContainerLogRequest>,
     ) -> Result<Response<ReopenContainerLogResponse>, Status> {
-        unimplemented("ReopenContainerLog")
+        Ok(Response::new(self.do_reopen_container_log(request.into_inner()).await?))
     }
 
     async fn exec_sync(
         &self,
-        _request: Request<ExecSyncRequest>,
+        request: Request<ExecSyncRequest>,
     ) -> Result<Response<ExecSyncResponse>, Status> {
-        unimplemented("ExecSync")
+        Ok(Response::new(self.do_exec_sync(request.into_inner()).await?))
     }
 
     async fn exec(&self, _request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
@@ -205,30 +221,30 @@ impl RuntimeService for RuntimeApi {
 
     async fn container_stats(
         &self,
-        _request: Request<ContainerStatsRequest>,
+        request: Request<ContainerStatsRequest>,
     ) -> Result<Response<ContainerStatsResponse>, Status> {
-        unimplemented("ContainerStats")
+        Ok(Response::new(self.do_container_stats(request.into_inner())?))
     }
 
     async fn list_container_stats(
         &self,
-        _request: Request<ListContainerStatsRequest>,
+        request: Request<ListContainerStatsRequest>,
     ) -> Result<Response<ListContainerStatsResponse>, Status> {
-        unimplemented("ListContainerStats")
+        Ok(Response::new(self.do_list_container_stats(request.into_inner())))
     }
 
     async fn pod_sandbox_stats(
         &self,
-        _request: Request<PodSandboxStatsRequest>,
+        request: Request<PodSandboxStatsRequest>,
     ) -> Result<Response<PodSandboxStatsResponse>, Status> {
-        unimplemented("PodSandboxStats")
+        Ok(Response::new(self.do_pod_sandbox_stats(request.into_inner())?))
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _request: Request<ListPodSandboxStatsRequest>,
+        request: Request<ListPodSandboxStatsRequest>,
     ) -> Result<Response<ListPodSandboxStatsResponse>, Status> {
-        unimplemented("ListPodSandboxStats")
+        Ok(Response::new(self.do_list_pod_sandbox_stats(request.into_inner())))
     }
 
     async fn checkpoint_container(
@@ -244,7 +260,7 @@ impl RuntimeService for RuntimeApi {
         &self,
         _request: Request<GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        unimplemented("GetContainerEvents")
+        Ok(Response::new(self.do_get_container_events()))
     }
 
     async fn list_metric_descriptors(

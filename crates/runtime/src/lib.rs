@@ -1,1 +1,417 @@
-//! berth runtime
+//! berth-runtime: the pod sandbox and container lifecycle. [`Runtime`] takes the kubelet's CRI
+//! requests (`k8s_cri::v1` types) and returns CRI responses or errors classified by
+//! [`ErrorClass`]; it never speaks gRPC itself.
+//!
+//! A pod sandbox is a directory under `<state>/pods/<id>` with pinned network/IPC/UTS
+//! namespaces (no pause process), the shared `/etc/hosts`, `resolv.conf`, `hostname` and a
+//! `/dev/shm` tmpfs, and optionally a tiny init process holding a shared PID namespace. A
+//! container is an OCI bundle under `<state>/containers/<id>` run through the [`Shim`].
+//!
+//! Modules: `store` (redb tables), `records` (what is stored), `names` (name reservation),
+//! `state` (state machines), `sandbox`/`container`/`exec`/`stats` (one file per RPC family),
+//! `filters`, `events`, `cgroups`, `pod_files`, `shm`, `pod_init`, `recovery`.
+
+mod cgroups;
+mod container;
+mod error;
+mod events;
+mod exec;
+mod filters;
+mod gc_users;
+pub mod names;
+mod pod_files;
+pub mod pod_init;
+mod records;
+mod recovery;
+mod sandbox;
+mod shm;
+pub mod state;
+mod stats;
+mod store;
+mod util;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use berth_image::ImageStore;
+use berth_shim::{EmbeddedShim, Shim, TaskEvent};
+use berth_snapshot::Snapshotter;
+use k8s_cri::v1::ContainerEventResponse;
+use tokio::sync::broadcast;
+
+pub use error::{ErrorClass, Result, RuntimeError};
+pub use pod_init::POD_INIT_COMMAND;
+pub use records::{ContainerMeta, ContainerStatus, ProcessRef, SandboxMeta, SandboxStatus};
+
+use crate::events::Events;
+use crate::names::Names;
+use crate::state::{ContainerState, SandboxState};
+use crate::store::Store;
+
+/// How the runtime is set up (from `berth.toml`).
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// The volatile state directory (`/run/berth`): pods, bundles, runtime state.
+    pub state_dir: PathBuf,
+    /// The handler used when a pod names none.
+    pub default_handler: String,
+    /// Runtime handlers: name → OCI runtime binary (a bare name is looked up in `PATH`).
+    pub handlers: BTreeMap<String, PathBuf>,
+    /// Where relative Localhost seccomp profiles are found.
+    pub seccomp_profile_root: PathBuf,
+    /// Parent cgroup of pods whose config names none; each pod gets `<this>/pod-<id>`.
+    pub cgroup_parent: String,
+    /// The program run as `<program> pod-init <pod dir>` for shared-PID pods (berthd itself).
+    pub pod_init_program: PathBuf,
+}
+
+/// A pod sandbox in the index.
+pub(crate) struct SandboxEntry {
+    pub(crate) meta: SandboxMeta,
+    status: RwLock<SandboxStatus>,
+    /// Serialises lifecycle operations (stop, remove) on this pod.
+    pub(crate) op: tokio::sync::Mutex<()>,
+    /// Serialises status writes, so the database and memory agree on the last one.
+    persist: Mutex<()>,
+}
+
+impl SandboxEntry {
+    fn new(meta: SandboxMeta, status: SandboxStatus) -> Arc<Self> {
+        Arc::new(Self {
+            meta,
+            status: RwLock::new(status),
+            op: tokio::sync::Mutex::new(()),
+            persist: Mutex::new(()),
+        })
+    }
+
+    /// A copy of the current status.
+    pub(crate) fn status(&self) -> SandboxStatus {
+        self.status.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// A container in the index.
+pub(crate) struct ContainerEntry {
+    pub(crate) meta: ContainerMeta,
+    status: RwLock<ContainerStatus>,
+    /// Serialises lifecycle operations (start, stop, remove) on this container.
+    pub(crate) op: tokio::sync::Mutex<()>,
+    persist: Mutex<()>,
+}
+
+impl ContainerEntry {
+    fn new(meta: ContainerMeta, status: ContainerStatus) -> Arc<Self> {
+        Arc::new(Self {
+            meta,
+            status: RwLock::new(status),
+            op: tokio::sync::Mutex::new(()),
+            persist: Mutex::new(()),
+        })
+    }
+
+    /// A copy of the current status.
+    pub(crate) fn status(&self) -> ContainerStatus {
+        self.status.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// The pod and container runtime. Generic over the shim so tests can use a double; berthd
+/// uses the [`EmbeddedShim`].
+pub struct Runtime<S: Shim = EmbeddedShim> {
+    config: RuntimeConfig,
+    store: Store,
+    images: Arc<ImageStore>,
+    snapshots: Arc<Snapshotter>,
+    shim: Arc<S>,
+    sandboxes: RwLock<HashMap<String, Arc<SandboxEntry>>>,
+    containers: RwLock<HashMap<String, Arc<ContainerEntry>>>,
+    names: Names,
+    events: Events,
+    cgroup_v2: bool,
+}
+
+impl<S: Shim + 'static> Runtime<S> {
+    /// Opens the runtime: loads the records, repairs what a previous berthd left (containers
+    /// whose process is gone are marked exited), and starts listening to the shim's events.
+    /// Must be called inside a tokio runtime.
+    pub fn open(
+        config: RuntimeConfig,
+        db: Arc<redb::Database>,
+        images: Arc<ImageStore>,
+        snapshots: Arc<Snapshotter>,
+        shim: Arc<S>,
+    ) -> Result<Arc<Self>> {
+        for dir in ["pods", "containers", "runtime"] {
+            let path = config.state_dir.join(dir);
+            std::fs::create_dir_all(&path).map_err(RuntimeError::io("create directory", &path))?;
+        }
+        let store = Store::open(db)?;
+        // Subscribe before anything can start, so no exit is missed.
+        let task_events = shim.subscribe();
+        let runtime = Arc::new(Self {
+            config,
+            store,
+            images,
+            snapshots,
+            shim,
+            sandboxes: RwLock::new(HashMap::new()),
+            containers: RwLock::new(HashMap::new()),
+            names: Names::default(),
+            events: Events::new(),
+            cgroup_v2: berth_oci::detect_cgroup_v2(),
+        });
+        runtime.recover()?;
+        runtime.refresh_gauges();
+        tokio::spawn(event_loop(Arc::downgrade(&runtime), task_events));
+        Ok(runtime)
+    }
+
+    /// Names of the configured runtime handlers (for `Status`).
+    pub fn handlers(&self) -> Vec<String> {
+        self.config.handlers.keys().cloned().collect()
+    }
+
+    /// Subscribes to container lifecycle events (`GetContainerEvents`).
+    pub fn subscribe_events(&self) -> broadcast::Receiver<ContainerEventResponse> {
+        self.events.subscribe()
+    }
+
+    pub(crate) fn sandbox(&self, id: &str) -> Option<Arc<SandboxEntry>> {
+        self.sandboxes.read().unwrap_or_else(PoisonError::into_inner).get(id).cloned()
+    }
+
+    pub(crate) fn container(&self, id: &str) -> Option<Arc<ContainerEntry>> {
+        self.containers.read().unwrap_or_else(PoisonError::into_inner).get(id).cloned()
+    }
+
+    pub(crate) fn all_sandboxes(&self) -> Vec<Arc<SandboxEntry>> {
+        self.sandboxes.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
+    }
+
+    pub(crate) fn all_containers(&self) -> Vec<Arc<ContainerEntry>> {
+        self.containers.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
+    }
+
+    pub(crate) fn containers_of(&self, sandbox_id: &str) -> Vec<Arc<ContainerEntry>> {
+        self.containers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|c| c.meta.sandbox_id == sandbox_id)
+            .cloned()
+            .collect()
+    }
+
+    /// Looks a sandbox up by id or unique id prefix (crictl sends prefixes).
+    pub(crate) fn find_sandbox(&self, id: &str) -> Option<Arc<SandboxEntry>> {
+        if id.is_empty() {
+            return None;
+        }
+        let map = self.sandboxes.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = map.get(id) {
+            return Some(e.clone());
+        }
+        let mut matches = map.values().filter(|e| e.meta.id.starts_with(id));
+        match (matches.next(), matches.next()) {
+            (Some(e), None) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    /// Looks a container up by id or unique id prefix.
+    pub(crate) fn find_container(&self, id: &str) -> Option<Arc<ContainerEntry>> {
+        if id.is_empty() {
+            return None;
+        }
+        let map = self.containers.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = map.get(id) {
+            return Some(e.clone());
+        }
+        let mut matches = map.values().filter(|e| e.meta.id.starts_with(id));
+        match (matches.next(), matches.next()) {
+            (Some(e), None) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn insert_sandbox(&self, entry: Arc<SandboxEntry>) {
+        self.sandboxes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(entry.meta.id.clone(), entry);
+    }
+
+    pub(crate) fn insert_container(&self, entry: Arc<ContainerEntry>) {
+        self.containers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(entry.meta.id.clone(), entry);
+    }
+
+    pub(crate) fn forget_sandbox(&self, id: &str) {
+        self.sandboxes.write().unwrap_or_else(PoisonError::into_inner).remove(id);
+    }
+
+    pub(crate) fn forget_container(&self, id: &str) {
+        self.containers.write().unwrap_or_else(PoisonError::into_inner).remove(id);
+    }
+
+    /// Applies `change` to a container's status and persists it; `change` returns false to
+    /// leave it as it is. Returns the new status if it changed. Readers are never blocked by
+    /// the database write: they read the in-memory copy, swapped after the write.
+    pub(crate) fn update_container(
+        &self,
+        entry: &ContainerEntry,
+        change: impl FnOnce(&mut ContainerStatus) -> bool,
+    ) -> Result<Option<ContainerStatus>> {
+        let _persist = entry.persist.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = entry.status();
+        if !change(&mut next) {
+            return Ok(None);
+        }
+        self.store.put_container_status(&entry.meta.id, &next)?;
+        *entry.status.write().unwrap_or_else(PoisonError::into_inner) = next.clone();
+        Ok(Some(next))
+    }
+
+    /// Sets a sandbox's state and persists it.
+    pub(crate) fn set_sandbox_state(
+        &self,
+        entry: &SandboxEntry,
+        state: SandboxState,
+    ) -> Result<()> {
+        let _persist = entry.persist.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = SandboxStatus { state };
+        self.store.put_sandbox_status(&entry.meta.id, &next)?;
+        *entry.status.write().unwrap_or_else(PoisonError::into_inner) = next;
+        Ok(())
+    }
+
+    /// Recomputes the `berth_containers` and `berth_pod_sandboxes` gauges.
+    pub(crate) fn refresh_gauges(&self) {
+        let m = berth_metrics::metrics();
+        let mut counts: HashMap<&'static str, i64> = HashMap::new();
+        for c in self.all_containers() {
+            *counts.entry(c.status().state.name()).or_default() += 1;
+        }
+        for state in [
+            ContainerState::Created,
+            ContainerState::Running,
+            ContainerState::Exited,
+            ContainerState::Unknown,
+        ] {
+            let name = state.name();
+            m.containers.with_label_values(&[name]).set(counts.get(name).copied().unwrap_or(0));
+        }
+        let (mut ready, mut not_ready) = (0, 0);
+        for s in self.all_sandboxes() {
+            match s.status().state {
+                SandboxState::Ready => ready += 1,
+                SandboxState::NotReady => not_ready += 1,
+            }
+        }
+        m.sandboxes.with_label_values(&["ready"]).set(ready);
+        m.sandboxes.with_label_values(&["notready"]).set(not_ready);
+    }
+
+    /// Records the exit of a container's main process (from the shim's events or a stop),
+    /// once: a second report for the same container is ignored.
+    pub(crate) fn record_exit(&self, id: &str, exit: berth_shim::Exit) {
+        let Some(entry) = self.container(id) else { return };
+        let finished = util::system_time_ns(exit.at);
+        let result = self.update_container(&entry, |s| {
+            if !s.state.can_exit() {
+                return false;
+            }
+            if s.started_at == 0 && s.state == ContainerState::Running {
+                s.started_at = finished;
+            }
+            s.state = ContainerState::Exited;
+            s.finished_at = finished;
+            s.exit_code = exit.code;
+            s.reason = if exit.oom_killed {
+                "OOMKilled"
+            } else if exit.code == 0 {
+                "Completed"
+            } else {
+                "Error"
+            }
+            .to_string();
+            true
+        });
+        match result {
+            Ok(Some(_)) => {
+                tracing::info!(container_id = %id, code = exit.code, oom = exit.oom_killed, "container exited");
+                if exit.oom_killed {
+                    berth_metrics::metrics().oom_kills.inc();
+                }
+                self.refresh_gauges();
+                self.publish(&entry, k8s_cri::v1::ContainerEventType::ContainerStoppedEvent);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(container_id = %id, error = %e, "cannot record container exit")
+            }
+        }
+    }
+
+    /// Publishes a lifecycle event for `entry` with its pod's status and containers.
+    pub(crate) fn publish(&self, entry: &ContainerEntry, kind: k8s_cri::v1::ContainerEventType) {
+        let sandbox = self.sandbox(&entry.meta.sandbox_id);
+        let pod_sandbox_status = sandbox.as_ref().map(|s| self.cri_sandbox_status(s));
+        let mut containers_statuses: Vec<_> = self
+            .containers_of(&entry.meta.sandbox_id)
+            .iter()
+            .map(|c| self.cri_container_status(c))
+            .collect();
+        if kind == k8s_cri::v1::ContainerEventType::ContainerDeletedEvent {
+            containers_statuses.retain(|c| c.id != entry.meta.id);
+        }
+        self.events.publish(ContainerEventResponse {
+            container_id: entry.meta.id.clone(),
+            container_event_type: kind as i32,
+            created_at: util::now_ns(),
+            pod_sandbox_status,
+            containers_statuses,
+        });
+    }
+}
+
+/// Turns the shim's task events into status updates. Holds only a weak reference, so the
+/// runtime can be dropped (tests).
+async fn event_loop<S: Shim + 'static>(
+    runtime: std::sync::Weak<Runtime<S>>,
+    mut rx: broadcast::Receiver<TaskEvent>,
+) {
+    loop {
+        let event = rx.recv().await;
+        let Some(rt) = runtime.upgrade() else { return };
+        match event {
+            Ok(TaskEvent::Exited { id, exit }) => rt.record_exit(&id, exit),
+            Ok(TaskEvent::Oom { id }) => {
+                tracing::info!(container_id = %id, "OOM kill in container cgroup")
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "missed shim events; re-reading task states");
+                rt.resync_exits().await;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+impl<S: Shim + 'static> Runtime<S> {
+    /// After missed events: asks the shim about every container we think is alive.
+    async fn resync_exits(&self) {
+        for c in self.all_containers() {
+            if !matches!(c.status().state, ContainerState::Running | ContainerState::Created) {
+                continue;
+            }
+            if let Ok(berth_shim::TaskState::Exited(exit)) = self.shim.state(&c.meta.id).await {
+                self.record_exit(&c.meta.id, exit);
+            }
+        }
+    }
+}

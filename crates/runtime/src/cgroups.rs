@@ -1,0 +1,116 @@
+//! cgroupfs paths: where a container's cgroup lives, stats from its files, and removal of a
+//! pod's cgroup in every hierarchy.
+
+use std::path::{Path, PathBuf};
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The memory cgroup directory of `cgroups_path` (for OOM detection and stats).
+pub fn memory_dir(cgroups_path: &str, v2: bool) -> PathBuf {
+    let rel = cgroups_path.trim_start_matches('/');
+    if v2 {
+        Path::new(CGROUP_ROOT).join(rel)
+    } else {
+        Path::new(CGROUP_ROOT).join("memory").join(rel)
+    }
+}
+
+/// The directory holding cpu accounting of `cgroups_path`.
+pub fn cpu_dir(cgroups_path: &str, v2: bool) -> PathBuf {
+    let rel = cgroups_path.trim_start_matches('/');
+    if v2 {
+        return Path::new(CGROUP_ROOT).join(rel);
+    }
+    // cpuacct is mounted alone or co-mounted with cpu, depending on the distribution.
+    for name in ["cpuacct", "cpu,cpuacct", "cpuacct,cpu"] {
+        let dir = Path::new(CGROUP_ROOT).join(name);
+        if dir.is_dir() {
+            return dir.join(rel);
+        }
+    }
+    Path::new(CGROUP_ROOT).join("cpuacct").join(rel)
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn stat_field(path: &Path, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// Cumulative CPU time in nanoseconds.
+pub fn cpu_usage_ns(cgroups_path: &str, v2: bool) -> Option<u64> {
+    let dir = cpu_dir(cgroups_path, v2);
+    if v2 {
+        stat_field(&dir.join("cpu.stat"), "usage_usec").map(|us| us * 1000)
+    } else {
+        read_u64(&dir.join("cpuacct.usage"))
+    }
+}
+
+/// Memory usage and working set (usage minus inactive file pages), in bytes.
+pub fn memory_usage(cgroups_path: &str, v2: bool) -> Option<(u64, u64)> {
+    let dir = memory_dir(cgroups_path, v2);
+    let (usage, inactive) = if v2 {
+        (
+            read_u64(&dir.join("memory.current"))?,
+            stat_field(&dir.join("memory.stat"), "inactive_file"),
+        )
+    } else {
+        (
+            read_u64(&dir.join("memory.usage_in_bytes"))?,
+            stat_field(&dir.join("memory.stat"), "total_inactive_file"),
+        )
+    };
+    Some((usage, usage.saturating_sub(inactive.unwrap_or(0))))
+}
+
+/// Removes the cgroup `cgroups_path` in every hierarchy (v1) or the unified one (v2).
+/// Missing directories are fine; a non-empty cgroup stays (logged).
+pub fn remove(cgroups_path: &str) {
+    let rel = cgroups_path.trim_start_matches('/');
+    if rel.is_empty() {
+        return;
+    }
+    let mut dirs = vec![Path::new(CGROUP_ROOT).join(rel)];
+    if let Ok(entries) = std::fs::read_dir(CGROUP_ROOT) {
+        dirs.extend(entries.flatten().map(|e| e.path().join(rel)));
+    }
+    for dir in dirs {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // ENOTDIR: /sys/fs/cgroup/<file>/... on v2; nothing to remove there.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {}
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot remove pod cgroup"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_dirs() {
+        assert_eq!(
+            memory_dir("/berth/pod-a/c", false),
+            Path::new("/sys/fs/cgroup/memory/berth/pod-a/c")
+        );
+        assert_eq!(memory_dir("/berth/pod-a/c", true), Path::new("/sys/fs/cgroup/berth/pod-a/c"));
+    }
+
+    #[test]
+    fn stat_fields_parse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("memory.stat");
+        std::fs::write(&p, "cache 1\ntotal_inactive_file 4096\n").expect("write");
+        assert_eq!(stat_field(&p, "total_inactive_file"), Some(4096));
+        assert_eq!(stat_field(&p, "nothing"), None);
+    }
+}

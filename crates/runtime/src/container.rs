@@ -1,0 +1,613 @@
+//! Containers: CreateContainer, StartContainer, StopContainer, RemoveContainer,
+//! ContainerStatus, ListContainers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_oci::{ContainerSpecInput, PodContext};
+use berth_shim::{CreateTask, Exit, Shim, ShimError};
+use k8s_cri::v1::{
+    Container, ContainerConfig, ContainerEventType, ContainerFilter, ContainerResources,
+    ContainerStatus as CriStatus, ContainerStatusResponse, CreateContainerRequest, ImageSpec,
+    NamespaceMode,
+};
+
+use crate::error::{Result, RuntimeError};
+use crate::filters::{id_matches, labels_match};
+use crate::names::container_name;
+use crate::records::{ContainerMeta, ContainerStatus, ProcessRef};
+use crate::state::ContainerState;
+use crate::util::{
+    new_id, now_ns, process_alive, process_start_time, remove_dir_all, write_atomic,
+};
+use crate::{ContainerEntry, Runtime, SandboxEntry, cgroups};
+
+/// How long to wait for a container to die after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(30);
+
+/// Parses an image `StopSignal` (`SIGQUIT`, `QUIT`, `3`); `None` if unknown.
+pub(crate) fn parse_signal(text: &str) -> Option<i32> {
+    let t = text.trim();
+    if t.is_empty() {
+        return None;
+    }
+    if let Ok(n) = t.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let upper = t.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    name.parse::<nix::sys::signal::Signal>().ok().map(|s| s as i32)
+}
+
+/// Stops what was made for a container being created, on failure.
+#[derive(Default)]
+struct Partial {
+    bundle: Option<PathBuf>,
+    rootfs: bool,
+    task: bool,
+}
+
+impl<S: Shim + 'static> Runtime<S> {
+    async fn undo_create(&self, id: &str, partial: &Partial) {
+        if partial.task
+            && let Err(e) = self.shim.delete(id).await
+        {
+            tracing::warn!(container_id = %id, error = %e, "undo: cannot delete task");
+        }
+        if let Some(bundle) = &partial.bundle {
+            if partial.rootfs
+                && let Err(e) = self.snapshots.remove_rootfs(id, &bundle.join("rootfs"))
+            {
+                tracing::warn!(container_id = %id, error = %e, "undo: cannot remove rootfs");
+            }
+            if let Err(e) = remove_dir_all(bundle) {
+                tracing::warn!(container_id = %id, error = %e, "undo: cannot remove bundle");
+            }
+        }
+    }
+
+    /// The pod's contribution to a container spec.
+    fn pod_context(&self, sandbox: &SandboxEntry, config: &ContainerConfig) -> Result<PodContext> {
+        let m = &sandbox.meta;
+        let ctr_ns = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.clone())
+            .unwrap_or_default();
+        let pod_pid = m.pid_mode;
+        let (pidns, host_pid) = if pod_pid == NamespaceMode::Node as i32 {
+            (None, true)
+        } else if ctr_ns.pid == NamespaceMode::Target as i32 {
+            let target = self
+                .container(&ctr_ns.target_id)
+                .ok_or_else(|| RuntimeError::ContainerNotFound(ctr_ns.target_id.clone()))?;
+            let pid = target.status().process.map(|p| p.pid).ok_or(RuntimeError::WrongState {
+                id: ctr_ns.target_id.clone(),
+                state: "not running",
+                action: "share its PID namespace",
+            })?;
+            (Some(PathBuf::from(format!("/proc/{pid}/ns/pid"))), false)
+        } else if pod_pid == NamespaceMode::Pod as i32 {
+            let init = m.pod_init.ok_or(RuntimeError::SandboxNotReady(m.id.clone()))?;
+            if !process_alive(init.pid, init.start_time) {
+                return Err(RuntimeError::SandboxNotReady(m.id.clone()));
+            }
+            (Some(PathBuf::from(format!("/proc/{}/ns/pid", init.pid))), false)
+        } else {
+            (None, false)
+        };
+        Ok(PodContext {
+            netns: m.netns.clone(),
+            ipcns: m.ipcns.clone(),
+            utsns: m.utsns.clone(),
+            pidns,
+            host_pid,
+            shm: m.shm.clone(),
+            hosts: Some(m.hosts.clone()),
+            resolv_conf: Some(m.resolv_conf.clone()),
+            hostname_file: Some(m.hostname_file.clone()),
+            hostname: m.hostname.clone(),
+            sysctls: m.sysctls.clone(),
+        })
+    }
+
+    /// CreateContainer: validates, reserves the name, mounts the rootfs, writes the bundle
+    /// and creates the task. A retry of a create whose config is identical to the one holding
+    /// the name gets that container's id (the kubelet timed out on the first call).
+    pub async fn create_container(self: &Arc<Self>, req: CreateContainerRequest) -> Result<String> {
+        if req.pod_sandbox_id.is_empty() {
+            return Err(RuntimeError::Missing("pod_sandbox_id"));
+        }
+        let config = req.config.ok_or(RuntimeError::Missing("config"))?;
+        let cmeta = config.metadata.as_ref().ok_or(RuntimeError::Missing("config.metadata"))?;
+        if cmeta.name.is_empty() {
+            return Err(RuntimeError::Missing("config.metadata.name"));
+        }
+        let image_name = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .filter(|i| !i.is_empty())
+            .ok_or(RuntimeError::Missing("config.image.image"))?;
+        let sandbox = self
+            .find_sandbox(&req.pod_sandbox_id)
+            .ok_or_else(|| RuntimeError::SandboxNotFound(req.pod_sandbox_id.clone()))?;
+        berth_oci::validate_container_config(&config).map_err(RuntimeError::ContainerConfig)?;
+        let image = self
+            .images
+            .get(&image_name)
+            .map_err(RuntimeError::Image)?
+            .ok_or_else(|| RuntimeError::ImageNotFound(image_name.clone()))?;
+        let pod_meta = sandbox.meta.config.metadata.clone().unwrap_or_default();
+        let name = container_name(cmeta, &pod_meta);
+        let id = new_id()?;
+        if let Err(holder) = self.names.reserve(&name, &id) {
+            if let Some(existing) = self.container(&holder)
+                && existing.meta.config == config
+                && existing.meta.sandbox_id == sandbox.meta.id
+            {
+                return Ok(holder);
+            }
+            return Err(RuntimeError::NameReserved { name, holder });
+        }
+        let this = self.clone();
+        let (task_id, task_name) = (id.clone(), name.clone());
+        let result = tokio::spawn(async move {
+            let _pod = sandbox.op.lock().await;
+            if !sandbox.status().state.can_create_containers()
+                || this.sandbox(&sandbox.meta.id).is_none()
+            {
+                return Err(RuntimeError::SandboxNotReady(sandbox.meta.id.clone()));
+            }
+            let mut partial = Partial::default();
+            match this
+                .build_container(&task_id, task_name, &sandbox, config, image, &mut partial)
+                .await
+            {
+                Ok(entry) => {
+                    this.insert_container(entry.clone());
+                    this.refresh_gauges();
+                    this.publish(&entry, ContainerEventType::ContainerCreatedEvent);
+                    Ok(())
+                }
+                Err(e) => {
+                    this.undo_create(&task_id, &partial).await;
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(|e| RuntimeError::TaskFailed(e.to_string()))
+        .and_then(|r| r);
+        match result {
+            Ok(()) => Ok(id),
+            Err(e) => {
+                self.names.release(&name, &id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn build_container(
+        &self,
+        id: &str,
+        name: String,
+        sandbox: &SandboxEntry,
+        config: ContainerConfig,
+        image: berth_image::Image,
+        partial: &mut Partial,
+    ) -> Result<Arc<ContainerEntry>> {
+        let (handler, runtime) = self.handler(&sandbox.meta.runtime_handler)?;
+        let image_config: oci_spec::image::ImageConfiguration =
+            serde_json::from_str(&image.config_json)
+                .map_err(|source| RuntimeError::ImageConfig { image: image.id.clone(), source })?;
+        let pod = self.pod_context(sandbox, &config)?;
+
+        let bundle = self.config.state_dir.join("containers").join(id);
+        let rootfs = bundle.join("rootfs");
+        std::fs::create_dir_all(&rootfs).map_err(RuntimeError::io("create directory", &rootfs))?;
+        partial.bundle = Some(bundle.clone());
+        let readonly = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .is_some_and(|s| s.readonly_rootfs);
+        {
+            let snapshots = self.snapshots.clone();
+            let (key, chain, target) = (id.to_owned(), image.chain_id.clone(), rootfs.clone());
+            tokio::task::spawn_blocking(move || {
+                snapshots.prepare_rootfs(&key, &chain, &target, readonly)
+            })
+            .await
+            .map_err(|e| RuntimeError::TaskFailed(e.to_string()))?
+            .map_err(RuntimeError::Snapshot)?;
+        }
+        partial.rootfs = true;
+
+        let cgroups_path = format!("{}/{id}", sandbox.meta.cgroup_parent.trim_end_matches('/'));
+        let spec = berth_oci::container_spec(&ContainerSpecInput {
+            sandbox: &sandbox.meta.config,
+            container: &config,
+            image_config: &image_config,
+            rootfs: rootfs.clone(),
+            pod: &pod,
+            cgroups_path: cgroups_path.clone(),
+            seccomp_profile_root: self.config.seccomp_profile_root.clone(),
+            sandbox_id: &sandbox.meta.id,
+            cgroup_v2: self.cgroup_v2,
+        })
+        .map_err(RuntimeError::ContainerConfig)?;
+        let spec_json = serde_json::to_vec_pretty(&spec)
+            .map_err(|source| RuntimeError::Serialize { what: "OCI spec", source })?;
+        write_atomic(&bundle.join("config.json"), &spec_json)?;
+
+        let log_dir = &sandbox.meta.config.log_directory;
+        let log_path = if !log_dir.is_empty() && !config.log_path.is_empty() {
+            let p = PathBuf::from(log_dir).join(&config.log_path);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(RuntimeError::io("create directory", parent))?;
+            }
+            Some(p)
+        } else {
+            None
+        };
+
+        let stop_signal = image_config
+            .config()
+            .as_ref()
+            .and_then(|c| c.stop_signal().as_deref().and_then(parse_signal))
+            .unwrap_or(libc::SIGTERM);
+        let runtime_root = self.config.state_dir.join("runtime").join(&handler);
+        let pid = self
+            .shim
+            .create(CreateTask {
+                id: id.to_owned(),
+                bundle: bundle.clone(),
+                runtime: runtime.clone(),
+                runtime_root: runtime_root.clone(),
+                log_path: log_path.clone(),
+                memory_cgroup: Some(cgroups::memory_dir(&cgroups_path, self.cgroup_v2)),
+                tty: config.tty,
+                stdin: config.stdin,
+            })
+            .await
+            .map_err(RuntimeError::Shim)?;
+        partial.task = true;
+
+        let meta = ContainerMeta {
+            id: id.to_owned(),
+            sandbox_id: sandbox.meta.id.clone(),
+            name,
+            created_at: now_ns(),
+            config,
+            image_id: image.id.clone(),
+            chain_id: image.chain_id.clone(),
+            bundle,
+            log_path,
+            cgroups_path,
+            runtime_handler: handler,
+            runtime,
+            runtime_root,
+            stop_signal,
+        };
+        let status = ContainerStatus {
+            state: ContainerState::Created,
+            process: Some(ProcessRef { pid, start_time: process_start_time(pid) }),
+            ..Default::default()
+        };
+        self.store.create_container(&meta, &status)?;
+        tracing::info!(container_id = %id, pod_id = %meta.sandbox_id, name = %meta.name, "container created");
+        Ok(ContainerEntry::new(meta, status))
+    }
+
+    fn get_container(&self, id: &str) -> Result<Arc<ContainerEntry>> {
+        self.find_container(id).ok_or_else(|| RuntimeError::ContainerNotFound(id.to_owned()))
+    }
+
+    /// StartContainer: created → running.
+    pub async fn start_container(&self, id: &str) -> Result<()> {
+        let entry = self.get_container(id)?;
+        let _op = entry.op.lock().await;
+        let state = entry.status().state;
+        if !state.can_start() {
+            return Err(RuntimeError::WrongState {
+                id: entry.meta.id.clone(),
+                state: state.name(),
+                action: "start",
+            });
+        }
+        if let Err(e) = self.shim.start(&entry.meta.id).await {
+            // As containerd: a container that failed to start is exited with StartError.
+            let message = e.to_string();
+            self.update_container(&entry, |s| {
+                if !s.state.can_exit() {
+                    return false;
+                }
+                s.state = ContainerState::Exited;
+                s.finished_at = now_ns();
+                s.exit_code = 128;
+                s.reason = "StartError".into();
+                s.message = message;
+                true
+            })?;
+            self.refresh_gauges();
+            return Err(RuntimeError::Shim(e));
+        }
+        let started = now_ns();
+        // The process may already have exited (and been recorded): keep that, but note the
+        // start time.
+        self.update_container(&entry, |s| {
+            match s.state {
+                ContainerState::Created => s.state = ContainerState::Running,
+                ContainerState::Exited if s.started_at == 0 => {}
+                _ => return false,
+            }
+            s.started_at = started;
+            true
+        })?;
+        tracing::info!(container_id = %entry.meta.id, "container started");
+        self.refresh_gauges();
+        self.publish(&entry, ContainerEventType::ContainerStartedEvent);
+        Ok(())
+    }
+
+    /// StopContainer: the stop signal, up to `timeout` seconds, then SIGKILL. Idempotent.
+    pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<()> {
+        let entry = self.get_container(id)?;
+        let _op = entry.op.lock().await;
+        self.stop_container_locked(&entry, timeout).await
+    }
+
+    /// Stops a container whose op lock the caller holds.
+    pub(crate) async fn stop_container_locked(
+        &self,
+        entry: &ContainerEntry,
+        timeout: i64,
+    ) -> Result<()> {
+        let status = entry.status();
+        if !status.state.can_stop() {
+            return Ok(());
+        }
+        let id = &entry.meta.id;
+        if timeout > 0 {
+            match self.shim.kill(id, entry.meta.stop_signal, false).await {
+                Ok(()) => {
+                    if let Some(exit) =
+                        self.wait_exit(id, Duration::from_secs(timeout as u64)).await?
+                    {
+                        self.record_exit(id, exit);
+                        return Ok(());
+                    }
+                    tracing::info!(container_id = %id, timeout, "container ignored its stop signal; killing it");
+                }
+                Err(ShimError::NotFound { .. }) => {
+                    return self.stop_unmanaged(entry, &status).await;
+                }
+                Err(ShimError::NotRunning { .. }) => {}
+                Err(e) => return Err(RuntimeError::Shim(e)),
+            }
+        }
+        match self.shim.kill(id, libc::SIGKILL, true).await {
+            Ok(()) | Err(ShimError::NotRunning { .. }) => {}
+            Err(ShimError::NotFound { .. }) => return self.stop_unmanaged(entry, &status).await,
+            Err(e) => return Err(RuntimeError::Shim(e)),
+        }
+        match self.wait_exit(id, KILL_WAIT).await? {
+            Some(exit) => {
+                self.record_exit(id, exit);
+                Ok(())
+            }
+            None => Err(RuntimeError::Shim(ShimError::Timeout {
+                command: format!("kill -9 container {id}"),
+                after: KILL_WAIT,
+            })),
+        }
+    }
+
+    async fn wait_exit(&self, id: &str, timeout: Duration) -> Result<Option<Exit>> {
+        match self.shim.wait(id, timeout).await {
+            Ok(exit) => Ok(exit),
+            Err(ShimError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(RuntimeError::Shim(e)),
+        }
+    }
+
+    /// Stops a container the shim does not know (its berthd was restarted): SIGKILL by pid,
+    /// then record it exited.
+    async fn stop_unmanaged(&self, entry: &ContainerEntry, status: &ContainerStatus) -> Result<()> {
+        if let Some(p) = status.process
+            && process_alive(p.pid, p.start_time)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let deadline = tokio::time::Instant::now() + KILL_WAIT;
+            while process_alive(p.pid, p.start_time) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.record_exit(
+            &entry.meta.id,
+            Exit { code: 137, at: std::time::SystemTime::now(), oom_killed: false },
+        );
+        Ok(())
+    }
+
+    /// RemoveContainer: stops it if needed, deletes the task, rootfs and bundle. The log
+    /// file stays (the kubelet owns it). Removing an unknown container succeeds.
+    pub async fn remove_container(&self, id: &str) -> Result<()> {
+        let Some(entry) = self.find_container(id) else { return Ok(()) };
+        let _op = entry.op.lock().await;
+        if self.container(&entry.meta.id).is_none() {
+            return Ok(());
+        }
+        self.remove_container_locked(&entry).await
+    }
+
+    pub(crate) async fn remove_container_locked(&self, entry: &ContainerEntry) -> Result<()> {
+        self.stop_container_locked(entry, 0).await?;
+        let id = &entry.meta.id;
+        match self.shim.delete(id).await {
+            Ok(()) | Err(ShimError::NotFound { .. }) => {}
+            Err(e) => return Err(RuntimeError::Shim(e)),
+        }
+        // A task left by a previous berthd is unknown to the shim: make sure the runtime
+        // forgets it too.
+        self.runtime_delete_orphan(entry).await;
+        self.snapshots
+            .remove_rootfs(id, &entry.meta.bundle.join("rootfs"))
+            .map_err(RuntimeError::Snapshot)?;
+        remove_dir_all(&entry.meta.bundle)?;
+        self.store.delete_container(id)?;
+        self.forget_container(id);
+        self.names.release(&entry.meta.name, id);
+        self.refresh_gauges();
+        self.publish(entry, ContainerEventType::ContainerDeletedEvent);
+        tracing::info!(container_id = %id, "container removed");
+        Ok(())
+    }
+
+    /// `<runtime> delete --force <id>`, ignoring "does not exist".
+    async fn runtime_delete_orphan(&self, entry: &ContainerEntry) {
+        let state_dir = entry.meta.runtime_root.join(&entry.meta.id);
+        if !state_dir.exists() {
+            return;
+        }
+        let mut cmd = std::process::Command::new(&entry.meta.runtime);
+        cmd.arg("--root")
+            .arg(&entry.meta.runtime_root)
+            .arg("delete")
+            .arg("--force")
+            .arg(&entry.meta.id);
+        match berth_shim::run_captured(cmd, Some(Duration::from_secs(30))).await {
+            Ok(out) if out.code != 0 => tracing::debug!(
+                container_id = %entry.meta.id,
+                stderr = %String::from_utf8_lossy(&out.stderr),
+                "runtime delete of leftover task failed"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(container_id = %entry.meta.id, error = %e, "cannot run runtime delete")
+            }
+        }
+    }
+
+    fn image_spec(&self, entry: &ContainerEntry) -> ImageSpec {
+        let mut spec = entry.meta.config.image.clone().unwrap_or_default();
+        if spec.user_specified_image.is_empty() {
+            spec.user_specified_image = spec.image.clone();
+        }
+        spec
+    }
+
+    /// The CRI status of a container.
+    pub(crate) fn cri_container_status(&self, entry: &ContainerEntry) -> CriStatus {
+        let s = entry.status();
+        let m = &entry.meta;
+        let resources = s
+            .resources
+            .clone()
+            .or_else(|| m.config.linux.as_ref().and_then(|l| l.resources.clone()))
+            .map(|linux| ContainerResources { linux: Some(linux), windows: None });
+        CriStatus {
+            id: m.id.clone(),
+            metadata: m.config.metadata.clone(),
+            state: s.state.to_cri() as i32,
+            created_at: m.created_at,
+            started_at: s.started_at,
+            finished_at: s.finished_at,
+            exit_code: s.exit_code,
+            image: Some(self.image_spec(entry)),
+            image_ref: m.image_id.clone(),
+            reason: s.reason.clone(),
+            message: s.message.clone(),
+            labels: m.config.labels.clone(),
+            annotations: m.config.annotations.clone(),
+            mounts: m.config.mounts.clone(),
+            log_path: m
+                .log_path
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            resources,
+            image_id: m.image_id.clone(),
+            user: None,
+        }
+    }
+
+    /// ContainerStatus (with `verbose`, an `info` JSON holding the pid, spec, sandbox id and
+    /// runtime handler).
+    pub fn container_status(&self, id: &str, verbose: bool) -> Result<ContainerStatusResponse> {
+        let entry = self.get_container(id)?;
+        let status = self.cri_container_status(&entry);
+        let mut info = HashMap::new();
+        if verbose {
+            let spec: serde_json::Value = std::fs::read(entry.meta.bundle.join("config.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or(serde_json::Value::Null);
+            let s = entry.status();
+            let value = serde_json::json!({
+                "sandboxID": entry.meta.sandbox_id,
+                "pid": s.process.map(|p| p.pid),
+                "runtimeHandler": entry.meta.runtime_handler,
+                "runtime": entry.meta.runtime,
+                "cgroupsPath": entry.meta.cgroups_path,
+                "bundle": entry.meta.bundle,
+                "spec": spec,
+            });
+            info.insert("info".to_string(), value.to_string());
+        }
+        Ok(ContainerStatusResponse { status: Some(status), info })
+    }
+
+    /// ListContainers.
+    pub fn list_containers(&self, filter: Option<&ContainerFilter>) -> Vec<Container> {
+        self.all_containers()
+            .into_iter()
+            .filter_map(|e| {
+                let state = e.status().state.to_cri() as i32;
+                if let Some(f) = filter
+                    && (!id_matches(&f.id, &e.meta.id)
+                        || !id_matches(&f.pod_sandbox_id, &e.meta.sandbox_id)
+                        || f.state.as_ref().is_some_and(|s| s.state != state)
+                        || !labels_match(&f.label_selector, &e.meta.config.labels))
+                {
+                    return None;
+                }
+                Some(Container {
+                    id: e.meta.id.clone(),
+                    pod_sandbox_id: e.meta.sandbox_id.clone(),
+                    metadata: e.meta.config.metadata.clone(),
+                    image: Some(self.image_spec(&e)),
+                    image_ref: e.meta.image_id.clone(),
+                    state,
+                    created_at: e.meta.created_at,
+                    labels: e.meta.config.labels.clone(),
+                    annotations: e.meta.config.annotations.clone(),
+                    image_id: e.meta.image_id.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_signals_parse() {
+        assert_eq!(parse_signal("SIGQUIT"), Some(libc::SIGQUIT));
+        assert_eq!(parse_signal("quit"), Some(libc::SIGQUIT));
+        assert_eq!(parse_signal("9"), Some(9));
+        assert_eq!(parse_signal("SIGRTMIN+3"), None);
+        assert_eq!(parse_signal("nonsense"), None);
+        assert_eq!(parse_signal(""), None);
+    }
+}

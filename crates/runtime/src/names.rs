@@ -1,0 +1,81 @@
+//! Name reservation: one pod (or container) per name, as the kubelet relies on. A name is
+//! reserved before anything is created and released when the object is removed (or its
+//! creation fails).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use k8s_cri::v1::{ContainerMetadata, PodSandboxMetadata};
+
+/// The reserved name of a pod: `<name>_<namespace>_<uid>_<attempt>`.
+pub fn sandbox_name(m: &PodSandboxMetadata) -> String {
+    format!("{}_{}_{}_{}", m.name, m.namespace, m.uid, m.attempt)
+}
+
+/// The reserved name of a container: `<name>_<pod name>_<namespace>_<uid>_<attempt>`.
+pub fn container_name(c: &ContainerMetadata, pod: &PodSandboxMetadata) -> String {
+    format!("{}_{}_{}_{}_{}", c.name, pod.name, pod.namespace, pod.uid, c.attempt)
+}
+
+/// Reserved names and their holders.
+#[derive(Debug, Default)]
+pub(crate) struct Names {
+    held: Mutex<HashMap<String, String>>,
+}
+
+impl Names {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        // Each critical section is one map operation: a panic cannot tear the map.
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reserves `name` for `id`; `Err(holder)` if someone else holds it.
+    pub(crate) fn reserve(&self, name: &str, id: &str) -> Result<(), String> {
+        let mut held = self.lock();
+        match held.get(name) {
+            Some(holder) if holder != id => Err(holder.clone()),
+            _ => {
+                held.insert(name.to_owned(), id.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    /// Releases `name` if `id` holds it.
+    pub(crate) fn release(&self, name: &str, id: &str) {
+        let mut held = self.lock();
+        if held.get(name).is_some_and(|h| h == id) {
+            held.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_and_release() {
+        let names = Names::default();
+        names.reserve("a", "1").expect("free");
+        names.reserve("a", "1").expect("same holder again");
+        assert_eq!(names.reserve("a", "2"), Err("1".to_string()));
+        names.release("a", "2");
+        assert_eq!(names.reserve("a", "2"), Err("1".to_string()));
+        names.release("a", "1");
+        names.reserve("a", "2").expect("released");
+    }
+
+    #[test]
+    fn name_formats() {
+        let pod = PodSandboxMetadata {
+            name: "web".into(),
+            uid: "u1".into(),
+            namespace: "default".into(),
+            attempt: 3,
+        };
+        assert_eq!(sandbox_name(&pod), "web_default_u1_3");
+        let c = ContainerMetadata { name: "app".into(), attempt: 1 };
+        assert_eq!(container_name(&c, &pod), "app_web_default_u1_1");
+    }
+}

@@ -1,0 +1,391 @@
+//! Pod sandboxes: RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus,
+//! ListPodSandbox.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use berth_net::{NamespaceKind, PinRequest};
+use berth_shim::Shim;
+use k8s_cri::v1::{
+    LinuxPodSandboxStatus, Namespace, NamespaceMode, NamespaceOption, PodSandbox, PodSandboxConfig,
+    PodSandboxFilter, PodSandboxNetworkStatus, PodSandboxStatus as CriStatus,
+    PodSandboxStatusResponse, RunPodSandboxRequest,
+};
+
+use crate::error::{Result, RuntimeError};
+use crate::filters::{id_matches, labels_match};
+use crate::names::sandbox_name;
+use crate::records::{ProcessRef, SandboxMeta, SandboxStatus};
+use crate::state::SandboxState;
+use crate::util::{new_id, now_ns, remove_dir_all};
+use crate::{Runtime, SandboxEntry, cgroups, pod_files, pod_init, shm};
+
+/// The pod's namespace options (all POD when the kubelet sent none).
+pub(crate) fn namespace_options(config: &PodSandboxConfig) -> NamespaceOption {
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default()
+}
+
+/// What has been made so far for a pod being created, undone on failure.
+#[derive(Default)]
+struct Partial {
+    dir: Option<PathBuf>,
+    ns_dir: Option<PathBuf>,
+    shm: Option<PathBuf>,
+    init: Option<ProcessRef>,
+}
+
+impl Partial {
+    fn undo(&self) {
+        if let Some(init) = &self.init {
+            pod_init::kill(init);
+        }
+        if let Some(shm) = &self.shm
+            && let Err(e) = shm::unmount_shm(shm)
+        {
+            tracing::warn!(error = %e, "undo: cannot unmount pod shm");
+        }
+        if let Some(ns) = &self.ns_dir
+            && let Err(e) = berth_net::unpin_all(ns)
+        {
+            tracing::warn!(error = %e, "undo: cannot unpin pod namespaces");
+        }
+        if let Some(dir) = &self.dir
+            && let Err(e) = remove_dir_all(dir)
+        {
+            tracing::warn!(error = %e, "undo: cannot remove pod directory");
+        }
+    }
+}
+
+impl<S: Shim + 'static> Runtime<S> {
+    /// Resolves a runtime handler name ("" → the default) to its name and binary.
+    pub(crate) fn handler(&self, name: &str) -> Result<(String, PathBuf)> {
+        let name = if name.is_empty() { self.config.default_handler.as_str() } else { name };
+        self.config
+            .handlers
+            .get(name)
+            .map(|bin| (name.to_owned(), bin.clone()))
+            .ok_or_else(|| RuntimeError::UnknownHandler(name.to_owned()))
+    }
+
+    /// RunPodSandbox: validates, then creates the pod's directory, namespaces, files, shm and
+    /// (PID mode POD) init process. Returns the new pod's id.
+    pub async fn run_pod_sandbox(self: &Arc<Self>, req: RunPodSandboxRequest) -> Result<String> {
+        let config = req.config.ok_or(RuntimeError::Missing("config"))?;
+        let meta = config.metadata.as_ref().ok_or(RuntimeError::Missing("config.metadata"))?;
+        for (field, value) in [
+            ("config.metadata.name", &meta.name),
+            ("config.metadata.namespace", &meta.namespace),
+            ("config.metadata.uid", &meta.uid),
+        ] {
+            if value.is_empty() {
+                return Err(RuntimeError::Missing(field));
+            }
+        }
+        let (handler, _) = self.handler(&req.runtime_handler)?;
+        let sysctls = berth_oci::validate_sysctls(&config).map_err(RuntimeError::Sysctls)?;
+        let ns = namespace_options(&config);
+        if ns.pid == NamespaceMode::Target as i32 {
+            return Err(RuntimeError::Invalid {
+                field: "namespace_options.pid",
+                reason: "TARGET is only valid for containers".into(),
+            });
+        }
+        if ns.userns_options.as_ref().is_some_and(|u| u.mode != NamespaceMode::Node as i32) {
+            return Err(RuntimeError::Invalid {
+                field: "namespace_options.userns_options",
+                reason: "user namespaces are not supported yet".into(),
+            });
+        }
+        let name = sandbox_name(meta);
+        let id = new_id()?;
+        if let Err(holder) = self.names.reserve(&name, &id) {
+            return Err(RuntimeError::NameReserved { name, holder });
+        }
+        // Finish the work even if the kubelet gives up on this call: its retry gets a
+        // clean AlreadyExists/list view instead of half-made state.
+        let this = self.clone();
+        let task_name = name.clone();
+        let task_id = id.clone();
+        let result = tokio::spawn(async move {
+            this.create_sandbox(task_id, task_name, handler, config, sysctls, ns).await
+        })
+        .await
+        .map_err(|e| RuntimeError::TaskFailed(e.to_string()))
+        .and_then(|r| r);
+        match result {
+            Ok(()) => Ok(id),
+            Err(e) => {
+                self.names.release(&name, &id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_sandbox(
+        &self,
+        id: String,
+        name: String,
+        handler: String,
+        config: PodSandboxConfig,
+        sysctls: Vec<(String, String)>,
+        ns: NamespaceOption,
+    ) -> Result<()> {
+        let mut partial = Partial::default();
+        match self.build_sandbox(&id, name, handler, config, sysctls, ns, &mut partial).await {
+            Ok(meta) => {
+                let status = SandboxStatus { state: SandboxState::Ready };
+                if let Err(e) = self.store.create_sandbox(&meta, &status) {
+                    partial.undo();
+                    return Err(e);
+                }
+                tracing::info!(pod_id = %id, name = %meta.name, "pod sandbox ready");
+                self.insert_sandbox(SandboxEntry::new(meta, status));
+                self.refresh_gauges();
+                Ok(())
+            }
+            Err(e) => {
+                partial.undo();
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn build_sandbox(
+        &self,
+        id: &str,
+        name: String,
+        handler: String,
+        config: PodSandboxConfig,
+        sysctls: Vec<(String, String)>,
+        ns: NamespaceOption,
+        partial: &mut Partial,
+    ) -> Result<SandboxMeta> {
+        let host_network = ns.network == NamespaceMode::Node as i32;
+        let host_ipc = ns.ipc == NamespaceMode::Node as i32;
+        let dir = self.config.state_dir.join("pods").join(id);
+        std::fs::create_dir_all(&dir).map_err(RuntimeError::io("create directory", &dir))?;
+        partial.dir = Some(dir.clone());
+
+        let hostname = if host_network {
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .map_err(|source| RuntimeError::Sys { call: "gethostname", source })?
+        } else if !config.hostname.is_empty() {
+            config.hostname.clone()
+        } else {
+            config.metadata.as_ref().map(|m| m.name.chars().take(63).collect()).unwrap_or_default()
+        };
+
+        let mut kinds = Vec::new();
+        if !host_network {
+            kinds.extend([NamespaceKind::Net, NamespaceKind::Uts]);
+        }
+        if !host_ipc {
+            kinds.push(NamespaceKind::Ipc);
+        }
+        let ns_dir = dir.join("ns");
+        partial.ns_dir = Some(ns_dir.clone());
+        let request = PinRequest { dir: ns_dir, kinds, hostname: hostname.clone() };
+        let pinned = tokio::task::spawn_blocking(move || berth_net::pin_namespaces(&request))
+            .await
+            .map_err(|e| RuntimeError::TaskFailed(e.to_string()))?
+            .map_err(RuntimeError::Net)?;
+
+        let files = pod_files::write(&dir, &hostname, host_network, config.dns_config.as_ref())?;
+
+        let shm_dir = if host_ipc {
+            None
+        } else {
+            let target = dir.join("shm");
+            shm::mount_shm(&target)?;
+            partial.shm = Some(target.clone());
+            Some(target)
+        };
+
+        let pod_init = if ns.pid == NamespaceMode::Pod as i32 {
+            let init = pod_init::start(&self.config.pod_init_program, &dir).await?;
+            partial.init = Some(init);
+            Some(init)
+        } else {
+            None
+        };
+
+        let kubelet_parent =
+            config.linux.as_ref().map(|l| l.cgroup_parent.clone()).unwrap_or_default();
+        let (cgroup_parent, owns_cgroup) = if kubelet_parent.is_empty() {
+            (format!("{}/pod-{id}", self.config.cgroup_parent.trim_end_matches('/')), true)
+        } else {
+            (kubelet_parent, false)
+        };
+
+        Ok(SandboxMeta {
+            id: id.to_owned(),
+            name,
+            created_at: now_ns(),
+            runtime_handler: handler,
+            dir,
+            cgroup_parent,
+            owns_cgroup,
+            netns: pinned.net,
+            ipcns: pinned.ipc,
+            utsns: pinned.uts,
+            shm: shm_dir,
+            hosts: files.hosts,
+            resolv_conf: files.resolv_conf,
+            hostname_file: files.hostname,
+            hostname,
+            sysctls,
+            pid_mode: ns.pid,
+            pod_init,
+            config,
+        })
+    }
+
+    /// StopPodSandbox: kills every container of the pod, the pod init, and unmounts the
+    /// shm. Namespaces stay pinned until removal (as containerd does). Idempotent.
+    pub async fn stop_pod_sandbox(&self, id: &str) -> Result<()> {
+        let entry =
+            self.find_sandbox(id).ok_or_else(|| RuntimeError::SandboxNotFound(id.to_owned()))?;
+        let _op = entry.op.lock().await;
+        self.stop_sandbox_locked(&entry).await
+    }
+
+    async fn stop_sandbox_locked(&self, entry: &SandboxEntry) -> Result<()> {
+        for c in self.containers_of(&entry.meta.id) {
+            let _cop = c.op.lock().await;
+            self.stop_container_locked(&c, 0).await?;
+        }
+        if let Some(init) = &entry.meta.pod_init {
+            pod_init::kill(init);
+        }
+        if let Some(shm) = &entry.meta.shm {
+            shm::unmount_shm(shm)?;
+        }
+        if entry.status().state != SandboxState::NotReady {
+            self.set_sandbox_state(entry, SandboxState::NotReady)?;
+            tracing::info!(pod_id = %entry.meta.id, "pod sandbox stopped");
+            self.refresh_gauges();
+        }
+        Ok(())
+    }
+
+    /// RemovePodSandbox: stops it, removes its containers, namespaces, files and cgroup.
+    /// Removing an unknown pod succeeds (the kubelet retries removals).
+    pub async fn remove_pod_sandbox(&self, id: &str) -> Result<()> {
+        let Some(entry) = self.find_sandbox(id) else {
+            return Ok(());
+        };
+        let _op = entry.op.lock().await;
+        if self.sandbox(&entry.meta.id).is_none() {
+            return Ok(()); // removed while we waited
+        }
+        self.stop_sandbox_locked(&entry).await?;
+        for c in self.containers_of(&entry.meta.id) {
+            let _cop = c.op.lock().await;
+            self.remove_container_locked(&c).await?;
+        }
+        let meta = &entry.meta;
+        berth_net::unpin_all(&meta.dir.join("ns")).map_err(RuntimeError::Net)?;
+        if let Some(shm) = &meta.shm {
+            shm::unmount_shm(shm)?;
+        }
+        remove_dir_all(&meta.dir)?;
+        if meta.owns_cgroup {
+            cgroups::remove(&meta.cgroup_parent);
+        }
+        self.store.delete_sandbox(&meta.id)?;
+        self.forget_sandbox(&meta.id);
+        self.names.release(&meta.name, &meta.id);
+        self.refresh_gauges();
+        tracing::info!(pod_id = %meta.id, "pod sandbox removed");
+        Ok(())
+    }
+
+    /// The CRI status of a sandbox.
+    pub(crate) fn cri_sandbox_status(&self, entry: &SandboxEntry) -> CriStatus {
+        let meta = &entry.meta;
+        CriStatus {
+            id: meta.id.clone(),
+            metadata: meta.config.metadata.clone(),
+            state: entry.status().state.to_cri() as i32,
+            created_at: meta.created_at,
+            network: Some(PodSandboxNetworkStatus { ip: String::new(), additional_ips: vec![] }),
+            linux: Some(LinuxPodSandboxStatus {
+                namespaces: Some(Namespace { options: Some(namespace_options(&meta.config)) }),
+            }),
+            labels: meta.config.labels.clone(),
+            annotations: meta.config.annotations.clone(),
+            runtime_handler: meta.runtime_handler.clone(),
+        }
+    }
+
+    /// PodSandboxStatus (with its containers' statuses, and with `verbose` the `info` JSON).
+    pub fn pod_sandbox_status(&self, id: &str, verbose: bool) -> Result<PodSandboxStatusResponse> {
+        let entry =
+            self.find_sandbox(id).ok_or_else(|| RuntimeError::SandboxNotFound(id.to_owned()))?;
+        let status = self.cri_sandbox_status(&entry);
+        let containers_statuses = self
+            .containers_of(&entry.meta.id)
+            .iter()
+            .map(|c| self.cri_container_status(c))
+            .collect();
+        let mut info = HashMap::new();
+        if verbose {
+            let m = &entry.meta;
+            let value = serde_json::json!({
+                "id": m.id,
+                "name": m.name,
+                "runtimeHandler": m.runtime_handler,
+                "cgroupParent": m.cgroup_parent,
+                "hostname": m.hostname,
+                "netns": m.netns,
+                "ipcns": m.ipcns,
+                "utsns": m.utsns,
+                "shm": m.shm,
+                "podInitPid": m.pod_init.map(|p| p.pid),
+                "sysctls": m.sysctls,
+            });
+            info.insert("info".to_string(), value.to_string());
+        }
+        Ok(PodSandboxStatusResponse {
+            status: Some(status),
+            info,
+            containers_statuses,
+            timestamp: now_ns(),
+        })
+    }
+
+    /// ListPodSandbox.
+    pub fn list_pod_sandbox(&self, filter: Option<&PodSandboxFilter>) -> Vec<PodSandbox> {
+        self.all_sandboxes()
+            .into_iter()
+            .filter_map(|e| {
+                let state = e.status().state.to_cri() as i32;
+                if let Some(f) = filter
+                    && (!id_matches(&f.id, &e.meta.id)
+                        || f.state.as_ref().is_some_and(|s| s.state != state)
+                        || !labels_match(&f.label_selector, &e.meta.config.labels))
+                {
+                    return None;
+                }
+                Some(PodSandbox {
+                    id: e.meta.id.clone(),
+                    metadata: e.meta.config.metadata.clone(),
+                    state,
+                    created_at: e.meta.created_at,
+                    labels: e.meta.config.labels.clone(),
+                    annotations: e.meta.config.annotations.clone(),
+                    runtime_handler: e.meta.runtime_handler.clone(),
+                })
+            })
+            .collect()
+    }
+}

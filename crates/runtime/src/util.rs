@@ -1,0 +1,112 @@
+//! Small helpers: ids, timestamps, atomic file writes, process identity.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Result, RuntimeError};
+
+/// A new 64-hex-digit id from the kernel's random source.
+pub(crate) fn new_id() -> Result<String> {
+    let mut buf = [0u8; 32];
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: getrandom writes at most `len` bytes into the buffer we pass.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n < 0 {
+            let errno = nix::errno::Errno::last();
+            if errno == nix::errno::Errno::EINTR {
+                continue;
+            }
+            return Err(RuntimeError::Sys { call: "getrandom", source: errno });
+        }
+        filled += n as usize;
+    }
+    Ok(hex::encode(buf))
+}
+
+/// Nanoseconds since the epoch (CRI timestamps).
+pub(crate) fn now_ns() -> i64 {
+    system_time_ns(SystemTime::now())
+}
+
+/// `t` as nanoseconds since the epoch (0 before it).
+pub(crate) fn system_time_ns(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Writes `data` to `path` through a temp file and a rename, so readers see the old or the
+/// new content, never half of one.
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(RuntimeError::io("create", &tmp))?;
+    f.write_all(data).map_err(RuntimeError::io("write", &tmp))?;
+    f.sync_all().map_err(RuntimeError::io("sync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(RuntimeError::io("rename", path))
+}
+
+/// The start time of `pid` (field 22 of `/proc/<pid>/stat`, clock ticks since boot), or
+/// `None` if there is no such process. With the pid it names one process for good.
+pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces: skip past it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After ")" come fields 3.. ; starttime is field 22, i.e. index 19 here.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process `pid` that started at `start_time` still exists (and is not a zombie).
+pub(crate) fn process_alive(pid: u32, start_time: Option<u64>) -> bool {
+    let Some(now) = process_start_time(pid) else { return false };
+    if start_time.is_some_and(|t| t != now) {
+        return false;
+    }
+    // A zombie has exited: treat it as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().starts_with('Z')))
+        .map(|zombie| !zombie)
+        .unwrap_or(false)
+}
+
+/// Removes a directory tree; a missing one is fine.
+pub(crate) fn remove_dir_all(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RuntimeError::io("remove", path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_64_hex_and_differ() {
+        let a = new_id().expect("id");
+        let b = new_id().expect("id");
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn own_process_is_alive_with_its_start_time() {
+        let pid = std::process::id();
+        let start = process_start_time(pid);
+        assert!(start.is_some());
+        assert!(process_alive(pid, start));
+        assert!(!process_alive(pid, start.map(|s| s + 1)));
+    }
+
+    #[test]
+    fn atomic_write_replaces() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("config.json");
+        write_atomic(&p, b"one").expect("write");
+        write_atomic(&p, b"two").expect("write");
+        assert_eq!(std::fs::read(&p).expect("read"), b"two");
+    }
+}
