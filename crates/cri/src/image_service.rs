@@ -121,7 +121,9 @@ impl ImageService for ImageApi {
             .map(|s| s.image)
             .filter(|s| !s.is_empty());
         let images = match filter {
-            Some(reference) => self.backends.images.get(&reference).map(|i| i.into_iter().collect()),
+            Some(reference) => {
+                self.backends.images.get(&reference).map(|i| i.into_iter().collect())
+            }
             None => self.backends.images.list(),
         }
         .map_err(image_status)?;
@@ -215,7 +217,10 @@ mod tests {
     #[test]
     fn bad_auth_field_is_invalid_argument() {
         let auth = AuthConfig { auth: "%%%".into(), ..Default::default() };
-        assert_eq!(credentials(Some(&auth)).err().map(|s| s.code()), Some(tonic::Code::InvalidArgument));
+        assert_eq!(
+            credentials(Some(&auth)).err().map(|s| s.code()),
+            Some(tonic::Code::InvalidArgument)
+        );
     }
 
     #[test]

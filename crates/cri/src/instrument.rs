@@ -106,7 +106,10 @@ where
                     .into_http()
             };
             let elapsed = start.elapsed();
-            metrics.cri_duration.with_label_values(&[method.as_str()]).observe(elapsed.as_secs_f64());
+            metrics
+                .cri_duration
+                .with_label_values(&[method.as_str()])
+                .observe(elapsed.as_secs_f64());
             let code = grpc_code(&response);
             let _entered = span.enter();
             if code == tonic::Code::Ok {

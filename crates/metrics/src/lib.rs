@@ -9,8 +9,8 @@ mod server;
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder, exponential_buckets,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder, exponential_buckets,
 };
 
 pub use server::{MetricsServerError, serve};
@@ -55,7 +55,10 @@ impl Metrics {
             &["method"],
         ));
         let cri_errors = must(IntCounterVec::new(
-            Opts::new("berth_cri_errors_total", "CRI requests that failed, by method and gRPC code."),
+            Opts::new(
+                "berth_cri_errors_total",
+                "CRI requests that failed, by method and gRPC code.",
+            ),
             &["method", "code"],
         ));
         let cri_duration = must(HistogramVec::new(
@@ -136,7 +139,11 @@ mod tests {
         m.cri_requests.with_label_values(&["/runtime.v1.RuntimeService/Version"]).inc();
         m.pull_bytes.inc_by(10);
         let text = m.render();
-        assert!(text.contains("berth_cri_requests_total{method=\"/runtime.v1.RuntimeService/Version\"} 1"));
+        assert!(
+            text.contains(
+                "berth_cri_requests_total{method=\"/runtime.v1.RuntimeService/Version\"} 1"
+            )
+        );
         assert!(text.contains("berth_image_pull_bytes_total 10"));
     }
 }

@@ -32,7 +32,9 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
             .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
             .body(Full::new(Bytes::from(crate::metrics().render())))
     } else {
-        Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::from_static(b"not found\n")))
+        Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::from_static(b"not found\n")))
     };
     // Building a response from constant parts cannot fail.
     Ok(response.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))

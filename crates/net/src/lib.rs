@@ -41,4 +41,7 @@ pub enum NetError {
     Thread(&'static str),
 }
 pub mod network;
-pub use network::{Mode, NetworkConfig, NetworkError, NetworkManager, PodNetwork, PodNetworkStatus, PortMapping, Readiness};
+pub use network::{
+    Mode, NetworkConfig, NetworkError, NetworkManager, PodNetwork, PodNetworkStatus, PortMapping,
+    Readiness,
+};
