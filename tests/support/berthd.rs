@@ -80,8 +80,17 @@ pub struct Options {
     pub insecure: Vec<String>,
     /// `[image] max_concurrent_downloads`.
     pub max_concurrent_downloads: Option<usize>,
-    /// Extra TOML appended verbatim (sections other tests need).
+    /// Extra TOML appended verbatim (sections other tests need; not `[runtime]`, which the
+    /// fields below write).
     pub extra_toml: String,
+    /// `[runtime] shim`: `"embedded"` or `"external"`; `None`: `$BERTH_TEST_SHIM` if set
+    /// (so a whole suite can run on either shim), else berthd's default.
+    pub shim: Option<String>,
+    /// `[runtime] cgroup_parent`; `None`: berthd's default. A unique one per daemon lets a
+    /// test check that nothing leaks under it.
+    pub cgroup_parent: Option<String>,
+    /// `[runtime] shim_binary`; `None`: `berth-shim` next to berthd.
+    pub shim_binary: Option<PathBuf>,
 }
 
 impl Options {
@@ -98,6 +107,19 @@ impl Options {
         if let Some(n) = self.max_concurrent_downloads {
             let _ = write!(t, "\n[image]\nmax_concurrent_downloads = {n}\n");
         }
+        let shim = self.shim.clone().or_else(|| std::env::var("BERTH_TEST_SHIM").ok());
+        if shim.is_some() || self.cgroup_parent.is_some() || self.shim_binary.is_some() {
+            t.push_str("\n[runtime]\n");
+            if let Some(shim) = &shim {
+                let _ = writeln!(t, "shim = {}", q(shim));
+            }
+            if let Some(parent) = &self.cgroup_parent {
+                let _ = writeln!(t, "cgroup_parent = {}", q(parent));
+            }
+            if let Some(bin) = &self.shim_binary {
+                let _ = writeln!(t, "shim_binary = {}", q(&bin.to_string_lossy()));
+            }
+        }
         t.push('\n');
         t.push_str(&self.extra_toml);
         t
@@ -111,6 +133,8 @@ pub struct Berthd {
     dir: TempDir,
     bin: PathBuf,
     metrics_port: u16,
+    /// Removes the daemon's bridge and NAT table after it stopped (fields drop after `drop`).
+    _net: Option<crate::netkit::NetGuard>,
 }
 
 impl Berthd {
@@ -120,16 +144,23 @@ impl Berthd {
     }
 
     /// Starts berthd with `options` written to its config file.
-    pub async fn start_with(options: Options) -> Result<Self> {
+    pub async fn start_with(mut options: Options) -> Result<Self> {
         let bin = berthd_bin()?;
         let dir = tempfile::Builder::new().prefix("berth").tempdir_in("/tmp")?;
+        // Unless the test configures networking itself, a private bridge, subnet and nft
+        // table: parallel daemons must not share (or leave behind) the host-wide defaults.
+        let net = (!options.extra_toml.contains("[network]")).then(|| {
+            let names = crate::netkit::NetNames::unique(24);
+            options.extra_toml.push_str(&format!("\n{}", names.bridge_toml()));
+            crate::netkit::NetGuard::new(names)
+        });
         std::fs::write(dir.path().join("berth.toml"), options.to_toml())?;
-        let mut d = Self { child: None, dir, bin, metrics_port: 0 };
+        let mut d = Self { child: None, dir, bin, metrics_port: 0, _net: net };
         let mut last = None;
         // A metrics port lost to a parallel test makes berthd exit at once: retry then.
         for _ in 0..3 {
             d.metrics_port = free_port()?;
-            match d.spawn().await {
+            match d.spawn(true).await {
                 Ok(()) => return Ok(d),
                 Err(e) => last = Some(e),
             }
@@ -137,7 +168,9 @@ impl Berthd {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("berthd did not start")))
     }
 
-    async fn spawn(&mut self) -> Result<()> {
+    /// Starts the process; returns once the socket answers (and, with `wait_ready`, once
+    /// recovery has finished: CRI calls no longer answer `Unavailable`).
+    async fn spawn(&mut self, wait_ready: bool) -> Result<()> {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--root")
             .arg(self.root())
@@ -167,7 +200,9 @@ impl Berthd {
                 self.child = None;
                 bail!("berthd exited during startup ({status}):\n{}", self.log_tail(30));
             }
-            if tokio::net::UnixStream::connect(self.socket()).await.is_ok() {
+            if tokio::net::UnixStream::connect(self.socket()).await.is_ok()
+                && (!wait_ready || self.ready().await)
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -177,6 +212,15 @@ impl Berthd {
                 bail!("berthd did not open {}:\n{}", self.socket().display(), self.log_tail(30));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether berthd serves CRI calls (not `Unavailable` while it recovers its state).
+    pub async fn ready(&self) -> bool {
+        let Ok(mut c) = self.runtime().await else { return false };
+        match c.version(k8s_cri::v1::VersionRequest::default()).await {
+            Ok(_) => true,
+            Err(s) => s.code() != tonic::Code::Unavailable,
         }
     }
 
@@ -261,7 +305,16 @@ impl Berthd {
         if self.child.is_some() {
             bail!("berthd still running");
         }
-        self.spawn().await
+        self.spawn(true).await
+    }
+
+    /// Like [`Berthd::start_again`], but returns as soon as the socket is bound, while
+    /// recovery may still be running.
+    pub async fn start_again_unready(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("berthd still running");
+        }
+        self.spawn(false).await
     }
 }
 

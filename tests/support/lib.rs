@@ -9,6 +9,7 @@ pub mod cri;
 pub mod fixtures;
 pub mod http;
 pub mod mounts;
+pub mod netkit;
 pub mod oci;
 pub mod process;
 pub mod registry;

@@ -27,6 +27,71 @@ pub struct Config {
     pub registry: RegistrySection,
     /// Pods and containers: OCI runtimes, seccomp profiles, cgroups.
     pub runtime: RuntimeSection,
+    /// Pod networking: the built-in bridge or CNI plugins.
+    pub network: NetworkSection,
+}
+
+/// `[network]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkSection {
+    /// `"bridge"` (built in: a Linux bridge, our own IPAM and NAT) or `"cni"` (the first
+    /// network config in `cni_conf_dir`).
+    pub mode: berth_net::Mode,
+    /// Name of the built-in bridge (at most 15 characters).
+    pub bridge: String,
+    /// Subnet of the built-in bridge; its first address is the gateway. The pod CIDR the
+    /// kubelet sends (UpdateRuntimeConfig) replaces it for new pods.
+    pub subnet: ipnet::IpNet,
+    /// Optional IPv6 subnet for dual-stack pods (built-in bridge).
+    pub subnet_v6: Option<ipnet::IpNet>,
+    /// CNI network configurations (`.conflist`, `.conf`), watched for changes.
+    pub cni_conf_dir: PathBuf,
+    /// Where CNI plugins are looked up, in order.
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// Masquerade pod traffic leaving the bridge subnet (built-in bridge).
+    pub masquerade: bool,
+    /// Our nftables table (`inet <name>`), or the prefix of our iptables chains.
+    pub nat_table: String,
+    /// How long one CNI plugin or firewall command may run, in seconds.
+    pub plugin_timeout_secs: u64,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self::from_network_config(&berth_net::NetworkConfig::default())
+    }
+}
+
+impl NetworkSection {
+    fn from_network_config(c: &berth_net::NetworkConfig) -> Self {
+        Self {
+            mode: c.mode,
+            bridge: c.bridge_name.clone(),
+            subnet: c.subnet,
+            subnet_v6: c.subnet_v6,
+            cni_conf_dir: c.cni_conf_dir.clone(),
+            cni_bin_dirs: c.cni_bin_dirs.clone(),
+            masquerade: c.masquerade,
+            nat_table: c.nat_table_name.clone(),
+            plugin_timeout_secs: c.plugin_timeout_secs,
+        }
+    }
+
+    /// The network library's configuration.
+    pub fn to_network_config(&self) -> berth_net::NetworkConfig {
+        berth_net::NetworkConfig {
+            mode: self.mode,
+            bridge_name: self.bridge.clone(),
+            subnet: self.subnet,
+            subnet_v6: self.subnet_v6,
+            cni_conf_dir: self.cni_conf_dir.clone(),
+            cni_bin_dirs: self.cni_bin_dirs.clone(),
+            masquerade: self.masquerade,
+            nat_table_name: self.nat_table.clone(),
+            plugin_timeout_secs: self.plugin_timeout_secs,
+        }
+    }
 }
 
 /// `[runtime]`.
@@ -42,6 +107,24 @@ pub struct RuntimeSection {
     pub seccomp_profile_root: PathBuf,
     /// Parent cgroup (cgroupfs) of pods whose config names none; each gets `pod-<id>` in it.
     pub cgroup_parent: String,
+    /// Who runs the containers: `"embedded"` (inside berthd: no extra process; containers
+    /// survive a berthd restart but their exit codes while it is down are lost) or
+    /// `"external"` (one `berth-shim` process per pod, which outlives berthd: after a
+    /// restart berthd reattaches and reports the exits it missed exactly).
+    pub shim: ShimKind,
+    /// The `berth-shim` binary for `shim = "external"`; empty: `berth-shim` next to berthd.
+    pub shim_binary: PathBuf,
+}
+
+/// `[runtime] shim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShimKind {
+    /// Containers run under berthd itself.
+    #[default]
+    Embedded,
+    /// One `berth-shim` process per pod.
+    External,
 }
 
 impl Default for RuntimeSection {
@@ -54,6 +137,8 @@ impl Default for RuntimeSection {
             ]),
             seccomp_profile_root: PathBuf::from("/var/lib/kubelet/seccomp"),
             cgroup_parent: "/berth".to_string(),
+            shim: ShimKind::Embedded,
+            shim_binary: PathBuf::new(),
         }
     }
 }
@@ -95,6 +180,7 @@ impl Default for Config {
             image: ImageSection::default(),
             registry: RegistrySection::default(),
             runtime: RuntimeSection::default(),
+            network: NetworkSection::default(),
         }
     }
 }
@@ -163,6 +249,7 @@ impl Config {
             self.runtime.cgroup_parent.starts_with('/'),
             "runtime.cgroup_parent must start with /"
         );
+        self.network.to_network_config().validate().context("invalid [network] section")?;
         for (host, endpoints) in &self.registry.mirrors {
             for endpoint in endpoints {
                 anyhow::ensure!(
@@ -201,6 +288,37 @@ mod tests {
         config.validate().expect("valid");
         let bad: Config = toml::from_str("[runtime]\ndefault_handler = \"kata\"\n").expect("parse");
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn network_section_parses() {
+        let config: Config = toml::from_str(
+            "[network]\nmode = \"cni\"\nbridge = \"br-test\"\nsubnet = \"10.201.3.0/24\"\n\
+             nat_table = \"t1\"\ncni_bin_dirs = [\"/x\"]\n",
+        )
+        .expect("parse");
+        config.validate().expect("valid");
+        let n = config.network.to_network_config();
+        assert_eq!(n.mode, berth_net::Mode::Cni);
+        assert_eq!(n.bridge_name, "br-test");
+        assert_eq!(n.subnet.to_string(), "10.201.3.0/24");
+        assert_eq!(n.nat_table_name, "t1");
+        assert_eq!(n.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+        let bad: Config =
+            toml::from_str("[network]\nbridge = \"a-name-far-too-long\"\n").expect("parse");
+        assert!(bad.validate().is_err());
+        assert!(toml::from_str::<Config>("[network]\nsubnet = \"nope\"\n").is_err());
+    }
+
+    #[test]
+    fn shim_kind_parses() {
+        let config: Config =
+            toml::from_str("[runtime]\nshim = \"external\"\nshim_binary = \"/usr/bin/berth-shim\"\n")
+                .expect("parse");
+        assert_eq!(config.runtime.shim, ShimKind::External);
+        assert_eq!(config.runtime.shim_binary, PathBuf::from("/usr/bin/berth-shim"));
+        assert_eq!(Config::default().runtime.shim, ShimKind::Embedded);
+        assert!(toml::from_str::<Config>("[runtime]\nshim = \"conmon\"\n").is_err());
     }
 
     #[test]

@@ -6,12 +6,12 @@ use anyhow::Context;
 use berth_cri::instrument::{InstrumentLayer, Readiness};
 use berth_image::{ImageConfig, ImageStore, RegistryConfig};
 use berth_runtime::{Runtime, RuntimeConfig};
-use berth_shim::EmbeddedShim;
+use berth_shim::{AnyShim, EmbeddedShim, ExternalShim};
 use berth_snapshot::Snapshotter;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::config::Config;
+use crate::config::{Config, ShimKind};
 use crate::lock::RootLock;
 
 /// Sets up logging to stderr with `filter`.
@@ -46,6 +46,34 @@ async fn shutdown_signal() {
     }
 }
 
+/// The shim `[runtime] shim` chose. The external one reattaches to the shims a previous
+/// berthd left in `<state>/shims` during recovery.
+fn make_shim(config: &Config) -> anyhow::Result<AnyShim> {
+    Ok(match config.runtime.shim {
+        ShimKind::Embedded => AnyShim::Embedded(
+            EmbeddedShim::new(config.state.join("shim"))
+                .context("cannot start the embedded shim")?,
+        ),
+        ShimKind::External => {
+            let binary = if config.runtime.shim_binary.as_os_str().is_empty() {
+                ExternalShim::default_binary().context("cannot find berthd's own executable")?
+            } else {
+                config.runtime.shim_binary.clone()
+            };
+            anyhow::ensure!(
+                binary.is_file(),
+                "shim binary {} not found: build berth-shim or set runtime.shim_binary",
+                binary.display()
+            );
+            tracing::info!(binary = %binary.display(), "using external shims");
+            AnyShim::External(
+                ExternalShim::new(config.state.join("shims"), binary)
+                    .context("cannot set up the external shim")?,
+            )
+        }
+    })
+}
+
 /// Runs the daemon until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     for dir in [&config.root, &config.state] {
@@ -73,8 +101,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
     )?);
 
-    let shim =
-        EmbeddedShim::new(config.state.join("shim")).context("cannot start the embedded shim")?;
+    let shim = Arc::new(make_shim(&config)?);
     let pod_init_program =
         std::env::current_exe().context("cannot find berthd's own executable")?;
     let runtime = Runtime::open(
@@ -93,6 +120,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )
     .context("cannot open the pod and container runtime")?;
     images.set_snapshot_users(runtime.snapshot_users());
+
+    // Pod networking shares the metadata database (IPAM) and keeps the CNI results under
+    // root, so that a restart (or reboot) can still tear down what it set up. Its helper
+    // programs are waited for through the shim's reaper.
+    let network = berth_net::NetworkManager::with_runner(
+        config.network.to_network_config(),
+        db.clone(),
+        &config.root.join("network"),
+        Arc::new(berth_runtime::ReaperCommandRunner),
+    )
+    .context("cannot set up pod networking")?;
+    runtime.set_network(Arc::new(network)).await;
 
     let readiness = Readiness::default();
     let (runtime_service, image_service) = berth_cri::services(berth_cri::Backends {
@@ -116,8 +155,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let listener = crate::socket::bind(&config.listen).await?;
     tracing::info!(socket = %config.listen.display(), root = %config.root.display(), "berthd serving the CRI");
-    // Runtime::open has recovered the pod and container records before we get here.
-    readiness.set_ready();
+    // Recovery (reattaching to the shims, settling exits missed while we were down, startup
+    // repair) runs while the socket is already bound: the kubelet gets `Unavailable`
+    // from the readiness gate meanwhile, rather than "connection refused".
+    {
+        let (runtime, readiness) = (runtime.clone(), readiness.clone());
+        tokio::spawn(async move {
+            match runtime.recover().await {
+                Ok(report) => tracing::info!(?report, "state recovered; serving CRI calls"),
+                Err(e) => tracing::error!(error = %e, "recovery failed; serving what was loaded"),
+            }
+            readiness.set_ready();
+        });
+    }
 
     let server = tonic::transport::Server::builder()
         .layer(InstrumentLayer::new(readiness))

@@ -59,14 +59,10 @@ impl RuntimeService for RuntimeApi {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        let network = self.runtime().network_readiness();
         let conditions = vec![
             condition("RuntimeReady", true, "", ""),
-            condition(
-                "NetworkReady",
-                false,
-                "NetworkPluginNotReady",
-                "berth: pod networking is not implemented yet",
-            ),
+            condition("NetworkReady", network.ready, &network.reason, &network.message),
         ];
         Ok(Response::new(StatusResponse {
             status: Some(RuntimeStatus { conditions }),
@@ -98,8 +94,15 @@ impl RuntimeService for RuntimeApi {
 
     async fn update_runtime_config(
         &self,
-        _request: Request<UpdateRuntimeConfigRequest>,
+        request: Request<UpdateRuntimeConfigRequest>,
     ) -> Result<Response<UpdateRuntimeConfigResponse>, Status> {
+        let cidr = request
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        self.runtime().update_pod_cidr(&cidr).map_err(crate::error::runtime_status)?;
         Ok(Response::new(UpdateRuntimeConfigResponse {}))
     }
 

@@ -110,6 +110,26 @@ pub enum RuntimeError {
     /// Namespaces could not be created, pinned or unpinned.
     #[error("pod namespaces")]
     Net(#[source] NetError),
+    /// The pod's network could not be set up or torn down.
+    #[error("pod {pod_id}: {action} network")]
+    Network {
+        /// The pod sandbox id.
+        pod_id: String,
+        /// `set up` or `tear down`.
+        action: &'static str,
+        /// What the network manager reported (boxed: it is large and rare).
+        #[source]
+        source: Box<berth_net::NetworkError>,
+    },
+    /// The kubelet's pod CIDR was refused or could not be stored.
+    #[error("pod CIDR {cidr:?}")]
+    PodCidr {
+        /// The CIDR as sent.
+        cidr: String,
+        /// Why (boxed: it is large and rare).
+        #[source]
+        source: Box<berth_net::NetworkError>,
+    },
     /// The metadata store failed.
     #[error("metadata store: {action}")]
     Store {
@@ -187,11 +207,18 @@ impl RuntimeError {
             Shim(ShimError::NotRunning { .. }) => ErrorClass::FailedPrecondition,
             Shim(ShimError::TtyNotSupported { .. }) => ErrorClass::Unimplemented,
             Net(NetError::InvalidHostname(_)) => ErrorClass::InvalidArgument,
+            PodCidr { source, .. }
+                if matches!(**source, berth_net::NetworkError::InvalidSubnet { .. }) =>
+            {
+                ErrorClass::InvalidArgument
+            }
             Image(_)
             | ImageConfig { .. }
             | Snapshot(_)
             | Shim(_)
             | Net(_)
+            | Network { .. }
+            | PodCidr { .. }
             | Store { .. }
             | CorruptRecord { .. }
             | Serialize { .. }

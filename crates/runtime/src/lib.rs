@@ -19,10 +19,13 @@ mod exec;
 mod filters;
 mod gc_users;
 pub mod names;
+mod net_runner;
+mod network;
 mod pod_files;
 pub mod pod_init;
 mod records;
 mod recovery;
+mod repair;
 mod sandbox;
 mod shm;
 pub mod state;
@@ -32,17 +35,19 @@ mod util;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use berth_image::ImageStore;
-use berth_shim::{EmbeddedShim, Shim, TaskEvent};
+use berth_shim::{AnyShim, Shim, TaskEvent};
 use berth_snapshot::Snapshotter;
 use k8s_cri::v1::ContainerEventResponse;
 use tokio::sync::broadcast;
 
 pub use error::{ErrorClass, Result, RuntimeError};
 pub use pod_init::POD_INIT_COMMAND;
+pub use net_runner::ReaperCommandRunner;
 pub use records::{ContainerMeta, ContainerStatus, ProcessRef, SandboxMeta, SandboxStatus};
+pub use recovery::RecoveryReport;
 
 use crate::events::Events;
 use crate::names::Names;
@@ -118,8 +123,8 @@ impl ContainerEntry {
 }
 
 /// The pod and container runtime. Generic over the shim so tests can use a double; berthd
-/// uses the [`EmbeddedShim`].
-pub struct Runtime<S: Shim = EmbeddedShim> {
+/// uses [`AnyShim`] (the embedded shim or external `berth-shim` processes, as configured).
+pub struct Runtime<S: Shim = AnyShim> {
     config: RuntimeConfig,
     store: Store,
     images: Arc<ImageStore>,
@@ -130,12 +135,16 @@ pub struct Runtime<S: Shim = EmbeddedShim> {
     names: Names,
     events: Events,
     cgroup_v2: bool,
+    /// Pod networking, once berthd has set it ([`Runtime::set_network`]); without it pods
+    /// get a network namespace with loopback only.
+    network: OnceLock<Arc<berth_net::NetworkManager>>,
 }
 
 impl<S: Shim + 'static> Runtime<S> {
-    /// Opens the runtime: loads the records, repairs what a previous berthd left (containers
-    /// whose process is gone are marked exited), and starts listening to the shim's events.
-    /// Must be called inside a tokio runtime.
+    /// Opens the runtime: loads the records and re-reserves their names. What a previous
+    /// berthd left running is settled by [`Runtime::recover`], which must be awaited next,
+    /// before serving (it reattaches to the shim's tasks and repairs orphans). Starts
+    /// listening to the shim's events. Must be called inside a tokio runtime.
     pub fn open(
         config: RuntimeConfig,
         db: Arc<redb::Database>,
@@ -161,8 +170,9 @@ impl<S: Shim + 'static> Runtime<S> {
             names: Names::default(),
             events: Events::new(),
             cgroup_v2: berth_oci::detect_cgroup_v2(),
+            network: OnceLock::new(),
         });
-        runtime.recover()?;
+        runtime.load_records()?;
         runtime.refresh_gauges();
         tokio::spawn(event_loop(Arc::downgrade(&runtime), task_events));
         Ok(runtime)
@@ -331,8 +341,13 @@ impl<S: Shim + 'static> Runtime<S> {
             s.state = ContainerState::Exited;
             s.finished_at = finished;
             s.exit_code = exit.code;
+            if exit.lost {
+                s.message = "the container's shim died without recording its exit".into();
+            }
             s.reason = if exit.oom_killed {
                 "OOMKilled"
+            } else if exit.lost {
+                "Unknown"
             } else if exit.code == 0 {
                 "Completed"
             } else {
@@ -346,6 +361,9 @@ impl<S: Shim + 'static> Runtime<S> {
                 tracing::info!(container_id = %id, code = exit.code, oom = exit.oom_killed, "container exited");
                 if exit.oom_killed {
                     berth_metrics::metrics().oom_kills.inc();
+                }
+                if exit.lost {
+                    self.kill_lost_process(&entry);
                 }
                 self.refresh_gauges();
                 self.publish(&entry, k8s_cri::v1::ContainerEventType::ContainerStoppedEvent);

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use berth_net::{NamespaceKind, PinRequest};
 use berth_shim::Shim;
 use k8s_cri::v1::{
-    LinuxPodSandboxStatus, Namespace, NamespaceMode, NamespaceOption, PodSandbox, PodSandboxConfig,
+    LinuxPodSandboxStatus, Namespace, NamespaceMode, NamespaceOption, PodIp, PodSandbox,
+    PodSandboxConfig,
     PodSandboxFilter, PodSandboxNetworkStatus, PodSandboxStatus as CriStatus,
     PodSandboxStatusResponse, RunPodSandboxRequest,
 };
@@ -38,6 +39,8 @@ struct Partial {
     ns_dir: Option<PathBuf>,
     shm: Option<PathBuf>,
     init: Option<ProcessRef>,
+    /// The pinned netns once network setup was attempted (torn down before unpinning).
+    network: Option<PathBuf>,
 }
 
 impl Partial {
@@ -142,6 +145,7 @@ impl<S: Shim + 'static> Runtime<S> {
             Ok(meta) => {
                 let status = SandboxStatus { state: SandboxState::Ready };
                 if let Err(e) = self.store.create_sandbox(&meta, &status) {
+                    self.undo_network(&id, &partial).await;
                     partial.undo();
                     return Err(e);
                 }
@@ -151,9 +155,19 @@ impl<S: Shim + 'static> Runtime<S> {
                 Ok(())
             }
             Err(e) => {
+                self.undo_network(&id, &partial).await;
                 partial.undo();
                 Err(e)
             }
+        }
+    }
+
+    /// Tears down a half-made pod's network (before its netns is unpinned).
+    async fn undo_network(&self, id: &str, partial: &Partial) {
+        if let Some(netns) = &partial.network
+            && let Err(e) = self.teardown_pod_network(id, Some(netns)).await
+        {
+            tracing::warn!(pod_id = %id, error = %e, "undo: cannot tear down pod network");
         }
     }
 
@@ -198,6 +212,12 @@ impl<S: Shim + 'static> Runtime<S> {
             .await
             .map_err(|e| RuntimeError::TaskFailed(e.to_string()))?
             .map_err(RuntimeError::Net)?;
+
+        // Host-network pods have no netns of their own and get no pod network.
+        if let Some(netns) = &pinned.net {
+            partial.network = Some(netns.clone());
+            self.setup_pod_network(id, &config, netns).await?;
+        }
 
         let files = pod_files::write(&dir, &hostname, host_network, config.dns_config.as_ref())?;
 
@@ -266,6 +286,9 @@ impl<S: Shim + 'static> Runtime<S> {
         if let Some(init) = &entry.meta.pod_init {
             pod_init::kill(init);
         }
+        // Idempotent, so a stopped pod is retried here (and by remove) until it succeeds; a
+        // failure keeps the record and still leaves the pod stopped.
+        let network = self.teardown_pod_network(&entry.meta.id, entry.meta.netns.as_deref()).await;
         if let Some(shm) = &entry.meta.shm {
             shm::unmount_shm(shm)?;
         }
@@ -274,7 +297,7 @@ impl<S: Shim + 'static> Runtime<S> {
             tracing::info!(pod_id = %entry.meta.id, "pod sandbox stopped");
             self.refresh_gauges();
         }
-        Ok(())
+        network
     }
 
     /// RemovePodSandbox: stops it, removes its containers, namespaces, files and cgroup.
@@ -292,6 +315,8 @@ impl<S: Shim + 'static> Runtime<S> {
             let _cop = c.op.lock().await;
             self.remove_container_locked(&c).await?;
         }
+        // The external shim's process for this pod exits now that its containers are gone.
+        self.shim.release_pod(&entry.meta.id).await.map_err(RuntimeError::Shim)?;
         let meta = &entry.meta;
         berth_net::unpin_all(&meta.dir.join("ns")).map_err(RuntimeError::Net)?;
         if let Some(shm) = &meta.shm {
@@ -312,12 +337,16 @@ impl<S: Shim + 'static> Runtime<S> {
     /// The CRI status of a sandbox.
     pub(crate) fn cri_sandbox_status(&self, entry: &SandboxEntry) -> CriStatus {
         let meta = &entry.meta;
+        let (ip, additional) = self.pod_ips(meta);
         CriStatus {
             id: meta.id.clone(),
             metadata: meta.config.metadata.clone(),
             state: entry.status().state.to_cri() as i32,
             created_at: meta.created_at,
-            network: Some(PodSandboxNetworkStatus { ip: String::new(), additional_ips: vec![] }),
+            network: Some(PodSandboxNetworkStatus {
+                ip,
+                additional_ips: additional.into_iter().map(|ip| PodIp { ip }).collect(),
+            }),
             linux: Some(LinuxPodSandboxStatus {
                 namespaces: Some(Namespace { options: Some(namespace_options(&meta.config)) }),
             }),

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 mod any;
+pub mod command;
 mod console;
 mod embedded;
 mod error;
@@ -33,6 +34,7 @@ pub use embedded::{EmbeddedShim, validate_id};
 pub use error::ShimError;
 pub use exec::EXEC_OUTPUT_CAP;
 pub use external::{ExternalShim, RecoveredTask};
+pub use command::run_with_input;
 pub use reaper::{Captured, Reaper, become_subreaper, run_captured};
 
 /// How a container's process ended.
@@ -44,6 +46,10 @@ pub struct Exit {
     pub at: SystemTime,
     /// The cgroup's OOM-kill counter rose while this task ran (main process only).
     pub oom_killed: bool,
+    /// The real exit was lost (the task's shim died without recording it): `code` is a
+    /// placeholder (255) and the runtime reports the reason `Unknown`.
+    #[serde(default)]
+    pub lost: bool,
 }
 
 /// A task (container main process) to create.
@@ -162,6 +168,15 @@ pub trait Shim: Send + Sync {
     /// external shim routes a container to its pod's shim process by it; the embedded one
     /// needs nothing.
     fn bind_container(&self, _container_id: &str, _pod_id: &str) {}
+    /// After a berthd restart: reattaches to the tasks that outlived the previous berthd and
+    /// returns them with their states (exits that happened meanwhile included). The
+    /// embedded shim's tasks cannot be reattached (their exit codes died with berthd): it
+    /// returns nothing.
+    fn reattach(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Vec<RecoveredTask>, ShimError>> + Send {
+        async { Ok(Vec::new()) }
+    }
     /// The pod sandbox is being removed (its containers deleted already): release what the
     /// shim keeps for it. The external shim stops the pod's shim process.
     fn release_pod(

@@ -1,0 +1,400 @@
+//! End-to-end: pod networking through the CRI, on the built-in bridge and with Debian's CNI
+//! plugins. Pods reach each other, the host reaches pods and their hostPorts, addresses are
+//! released and reused, survive a berthd restart, and NetworkReady follows the CNI conf dir.
+//!
+//! Every test uses its own bridge, subnet and nft table ([`NetNames::unique`]) and a
+//! [`NetGuard`] that removes them even when the test fails. All traffic stays on this host.
+
+#[path = "support/podkit.rs"]
+mod podkit;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use berth_e2e::netkit::{NetGuard, NetNames};
+use berth_e2e::process::free_port;
+use berth_e2e::{Berthd, Options, Registry, fixtures, image_spec};
+use k8s_cri::v1::*;
+use podkit::{Env, eventually, skip, with_namespaces};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The page the server pod serves.
+const PAGE: &str = "hello-from-berth-pod";
+
+/// Starts a registry and berthd with `network_toml`, pulls busybox.
+async fn start_env(network_toml: String) -> Result<Env> {
+    let reg = Registry::start().await?;
+    let pushed = fixtures::push_busybox(&reg).await?;
+    let d = Berthd::start_with(Options { extra_toml: network_toml, ..Default::default() }).await?;
+    let image = pushed.reference();
+    let resp = d
+        .images()
+        .await?
+        .pull_image(PullImageRequest { image: Some(image_spec(&image)), ..Default::default() })
+        .await
+        .context("pull busybox")?
+        .into_inner();
+    let rt = d.runtime().await?;
+    let logs = tempfile::Builder::new().prefix("berth-logs").tempdir_in("/tmp")?;
+    Ok(Env { d, reg, rt, image, image_id: resp.image_ref, logs })
+}
+
+/// The pod's IPs from PodSandboxStatus (primary first).
+async fn pod_ips(env: &mut Env, id: &str) -> Result<Vec<String>> {
+    let s = env
+        .rt
+        .pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: id.into(), verbose: false })
+        .await?
+        .into_inner()
+        .status
+        .context("no status")?;
+    let net = s.network.unwrap_or_default();
+    let mut ips = Vec::new();
+    if !net.ip.is_empty() {
+        ips.push(net.ip);
+    }
+    ips.extend(net.additional_ips.into_iter().map(|p| p.ip));
+    Ok(ips)
+}
+
+/// The pod's primary IP (an error when it has none).
+async fn pod_ip(env: &mut Env, id: &str) -> Result<String> {
+    pod_ips(env, id).await?.into_iter().next().with_context(|| format!("pod {id} has no IP"))
+}
+
+/// `GET /` over plain TCP from the test process; returns the whole response.
+async fn http_get(addr: &str) -> Result<String> {
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: berth\r\n\r\n").await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(10), io)
+        .await
+        .with_context(|| format!("GET http://{addr}/ timed out"))?
+        .with_context(|| format!("GET http://{addr}/"))
+}
+
+/// Polls `GET /` at `addr` until it serves [`PAGE`].
+async fn wait_served(addr: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = http_get(addr).await;
+        if let Ok(body) = &last
+            && body.contains(PAGE)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{addr} did not serve the page within {timeout:?}: {last:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs pod `name` with busybox httpd on port 8080 (`host_port` mapped to it, 0 = none).
+/// Returns (pod id, pod config).
+async fn run_server(
+    env: &mut Env,
+    name: &str,
+    host_port: u16,
+) -> Result<(String, PodSandboxConfig)> {
+    let mut config = env.pod_config(name);
+    if host_port != 0 {
+        config.port_mappings = vec![PortMapping {
+            protocol: Protocol::Tcp as i32,
+            container_port: 8080,
+            host_port: i32::from(host_port),
+            host_ip: String::new(),
+        }];
+    }
+    let pod = env.run_pod(config.clone()).await?;
+    let script = format!(
+        "mkdir -p /tmp/www && echo {PAGE} > /tmp/www/index.html && \
+         exec /bin/busybox httpd -f -p 8080 -h /tmp/www"
+    );
+    let c = env.container_config("httpd", &["/bin/busybox", "sh", "-c", &script]);
+    env.run(&pod, &config, c).await?;
+    Ok((pod, config))
+}
+
+/// Runs pod `name` with a sleeping container to exec into. Returns (pod id, container id).
+async fn run_client(env: &mut Env, name: &str) -> Result<(String, String)> {
+    let config = env.pod_config(name);
+    let pod = env.run_pod(config.clone()).await?;
+    let c = env.container_config("client", &["/bin/busybox", "sleep", "3600"]);
+    let ctr = env.run(&pod, &config, c).await?;
+    Ok((pod, ctr))
+}
+
+/// `wget -O- http://<target>/` inside container `ctr`; returns its stdout.
+async fn wget_in(env: &mut Env, ctr: &str, target: &str) -> Result<String> {
+    let url = format!("http://{target}/");
+    let r = env
+        // No `-T`: Debian's static busybox wget crashes on it; the exec timeout bounds it.
+        .exec(ctr, &["/bin/busybox", "wget", "-q", "-O-", &url], 20)
+        .await
+        .context("exec wget")?;
+    ensure!(
+        r.exit_code == 0,
+        "wget {url} exited {}: {}",
+        r.exit_code,
+        String::from_utf8_lossy(&r.stderr)
+    );
+    Ok(String::from_utf8_lossy(&r.stdout).into_owned())
+}
+
+/// The NetworkReady condition of `Status`.
+async fn network_condition(
+    env_rt: &mut runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+) -> Result<RuntimeCondition> {
+    let status = env_rt.status(StatusRequest { verbose: false }).await?.into_inner();
+    status
+        .status
+        .context("no status")?
+        .conditions
+        .into_iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .context("no NetworkReady condition")
+}
+
+/// Checks pod-to-pod, host-to-pod and hostPort traffic for a server and a client pod, then
+/// removes both. Shared by the bridge and the CNI test.
+async fn check_traffic(env: &mut Env, names: &NetNames) -> Result<(String, String)> {
+    ensure!(network_condition(&mut env.rt).await?.status, "NetworkReady is false");
+    let host_port = free_port()?;
+    let (server, _) = run_server(env, "server", host_port).await?;
+    let (client, client_ctr) = run_client(env, "client").await?;
+    let server_ip = pod_ip(env, &server).await?;
+    let client_ip = pod_ip(env, &client).await?;
+    ensure!(names.contains(&server_ip), "server IP {server_ip} not in {}", names.subnet());
+    ensure!(names.contains(&client_ip), "client IP {client_ip} not in {}", names.subnet());
+    ensure!(server_ip != client_ip, "both pods got {server_ip}");
+
+    // The host reaches the pod IP (the bridge carries the gateway address).
+    wait_served(&format!("{server_ip}:8080"), Duration::from_secs(30)).await?;
+
+    // Pod to pod over the bridge.
+    let body = wget_in(env, &client_ctr, &format!("{server_ip}:8080")).await?;
+    ensure!(body.contains(PAGE), "client got {body:?}");
+
+    // Inside the pod: eth0 with the address, default route via the gateway.
+    let r =
+        env.exec(&client_ctr, &["/bin/busybox", "ip", "-4", "addr", "show", "eth0"], 10).await?;
+    let addrs = String::from_utf8_lossy(&r.stdout).into_owned();
+    ensure!(addrs.contains(&client_ip), "eth0 in the client pod: {addrs}");
+    let r = env.exec(&client_ctr, &["/bin/busybox", "ip", "route"], 10).await?;
+    let routes = String::from_utf8_lossy(&r.stdout).into_owned();
+    ensure!(routes.contains(&format!("default via {}", names.gateway())), "routes: {routes}");
+
+    // hostPort, from the host: through localhost and through a host address.
+    wait_served(&format!("127.0.0.1:{host_port}"), Duration::from_secs(10)).await?;
+    wait_served(&format!("{}:{host_port}", names.gateway()), Duration::from_secs(10)).await?;
+
+    ensure!(names.bridge_ports().len() == 2, "bridge ports: {:?}", names.bridge_ports());
+    Ok((server, client))
+}
+
+#[tokio::test]
+async fn bridge_pods_reach_each_other_the_host_and_hostports() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let names = NetNames::unique(24);
+    // Declared before the daemon: dropped (cleaning up) after it.
+    let _guard = NetGuard::new(names.clone());
+    let mut env = start_env(names.bridge_toml()).await?;
+    let (server, client) = check_traffic(&mut env, &names).await?;
+    let table = names.nft_table();
+    ensure!(table.contains(&format!("berth:pod:{server}")), "nft table: {table}");
+
+    // A host-network pod gets no address and no veth.
+    let host = with_namespaces(
+        env.pod_config("hostnet"),
+        NamespaceOption { network: NamespaceMode::Node as i32, ..Default::default() },
+    );
+    let host_pod = env.run_pod(host).await?;
+    ensure!(pod_ips(&mut env, &host_pod).await?.is_empty(), "host-network pod has an IP");
+    ensure!(names.bridge_ports().len() == 2, "bridge ports: {:?}", names.bridge_ports());
+    env.remove_pod(&host_pod).await?;
+
+    // Stop tears the network down (idempotently); the pod record stays until removal.
+    for _ in 0..2 {
+        env.rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: server.clone() }).await?;
+    }
+    ensure!(pod_ips(&mut env, &server).await?.is_empty(), "stopped pod still has an IP");
+    ensure!(names.bridge_ports().len() == 1, "bridge ports: {:?}", names.bridge_ports());
+    let table = names.nft_table();
+    ensure!(!table.contains(&format!("berth:pod:{server}")), "hostPort rule left: {table}");
+    env.remove_pod(&server).await?;
+    env.remove_pod(&client).await?;
+    ensure!(names.bridge_ports().is_empty(), "veths left: {:?}", names.bridge_ports());
+    Ok(())
+}
+
+#[tokio::test]
+async fn bridge_addresses_are_released_reused_and_survive_restart() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    // A /29: .1 is the gateway, .2-.6 are the five pod addresses.
+    let names = NetNames::unique(29);
+    let _guard = NetGuard::new(names.clone());
+    let mut env = start_env(names.bridge_toml()).await?;
+    let mut pods = Vec::new();
+    for i in 0..5 {
+        let id = env.run_pod(env.pod_config(&format!("p{i}"))).await?;
+        let ip = pod_ip(&mut env, &id).await?;
+        ensure!(names.contains(&ip), "{ip} not in {}", names.subnet());
+        pods.push((id, ip));
+    }
+    let mut ips: Vec<&String> = pods.iter().map(|(_, ip)| ip).collect();
+    ips.sort();
+    ips.dedup();
+    ensure!(ips.len() == 5, "addresses handed out twice: {pods:?}");
+
+    // The subnet is full: the sixth pod fails and leaves nothing behind.
+    let err = env.run_pod(env.pod_config("p5")).await.expect_err("subnet exhausted");
+    ensure!(format!("{err:#}").contains("no free address"), "{err:#}");
+    ensure!(names.bridge_ports().len() == 5, "bridge ports: {:?}", names.bridge_ports());
+
+    // A restart keeps every assignment.
+    env.d.restart().await?;
+    env.rt = env.d.runtime().await?;
+    for (id, ip) in &pods {
+        ensure!(&pod_ip(&mut env, id).await? == ip, "pod {id} lost its address {ip}");
+    }
+
+    // Removing a pod frees its address for the next one.
+    let (gone, freed) = pods.remove(1);
+    env.remove_pod(&gone).await?;
+    ensure!(names.bridge_ports().len() == 4, "bridge ports: {:?}", names.bridge_ports());
+    let id = env.run_pod(env.pod_config("p5")).await?;
+    ensure!(pod_ip(&mut env, &id).await? == freed, "the freed address {freed} was not reused");
+    pods.push((id, freed));
+
+    for (id, _) in &pods {
+        env.remove_pod(id).await?;
+    }
+    ensure!(names.bridge_ports().is_empty(), "veths left: {:?}", names.bridge_ports());
+    Ok(())
+}
+
+/// The host-local IPAM files holding `ip` under `ipam_dir` (one per allocated address).
+fn ipam_holds(ipam_dir: &Path, ip: &str) -> bool {
+    let Ok(nets) = std::fs::read_dir(ipam_dir) else { return false };
+    nets.flatten().any(|n| n.path().join(ip).exists())
+}
+
+#[tokio::test]
+async fn cni_pods_reach_each_other_and_survive_restart() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let names = NetNames::unique(24);
+    let mut guard = NetGuard::new(names.clone());
+    let dir = tempfile::Builder::new().prefix("berth-cni").tempdir_in("/tmp")?;
+    guard.paths.push(dir.path().to_path_buf());
+    let (conf_dir, ipam_dir) = (dir.path().join("net.d"), dir.path().join("ipam"));
+    std::fs::create_dir_all(&conf_dir)?;
+    std::fs::write(conf_dir.join("10-berth-test.conflist"), names.cni_conflist(&ipam_dir))?;
+    let mut env = start_env(names.cni_toml(&conf_dir)).await?;
+
+    let (server, client) = check_traffic(&mut env, &names).await?;
+    let server_ip = pod_ip(&mut env, &server).await?;
+    ensure!(ipam_holds(&ipam_dir, &server_ip), "host-local has no record of {server_ip}");
+    ensure!(names.portmap_jumps().len() == 1, "portmap: {:?}", names.portmap_jumps());
+
+    // After a restart the cached ADD result still gives the address, and DEL still works.
+    env.d.restart().await?;
+    env.rt = env.d.runtime().await?;
+    ensure!(pod_ip(&mut env, &server).await? == server_ip, "CNI pod lost its address");
+    env.remove_pod(&server).await?;
+    ensure!(!ipam_holds(&ipam_dir, &server_ip), "host-local still holds {server_ip}");
+    let client_ip = pod_ip(&mut env, &client).await?;
+    env.remove_pod(&client).await?;
+    ensure!(!ipam_holds(&ipam_dir, &client_ip), "host-local still holds {client_ip}");
+    ensure!(names.bridge_ports().is_empty(), "veths left: {:?}", names.bridge_ports());
+    ensure!(names.iptables_rules().is_empty(), "portmap rules left: {:?}", names.iptables_rules());
+    ensure!(names.portmap_jumps().is_empty(), "portmap chains left: {:?}", names.portmap_jumps());
+    Ok(())
+}
+
+#[tokio::test]
+async fn cni_network_ready_follows_the_conf_dir() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let names = NetNames::unique(24);
+    let mut guard = NetGuard::new(names.clone());
+    let dir = tempfile::Builder::new().prefix("berth-cni").tempdir_in("/tmp")?;
+    guard.paths.push(dir.path().to_path_buf());
+    let (conf_dir, ipam_dir) = (dir.path().join("net.d"), dir.path().join("ipam"));
+    std::fs::create_dir_all(&conf_dir)?;
+    let d =
+        Berthd::start_with(Options { extra_toml: names.cni_toml(&conf_dir), ..Default::default() })
+            .await?;
+    let mut rt = d.runtime().await?;
+
+    let c = network_condition(&mut rt).await?;
+    ensure!(!c.status, "NetworkReady without any CNI config: {c:?}");
+    ensure!(c.reason == "NetworkPluginNotReady", "{c:?}");
+    ensure!(!c.message.is_empty(), "{c:?}");
+
+    // A pod cannot get a network yet: RunPodSandbox fails and leaves nothing.
+    let log_dir = dir.path().join("logs");
+    let run = |name: &str| RunPodSandboxRequest {
+        config: Some(podkit::pod_config(name, &log_dir)),
+        runtime_handler: String::new(),
+    };
+    let err = rt.run_pod_sandbox(run("early")).await.expect_err("no network yet");
+    ensure!(err.message().contains("network"), "{err:?}");
+    let pods = rt.list_pod_sandbox(ListPodSandboxRequest { filter: None }).await?.into_inner();
+    ensure!(pods.items.is_empty(), "{:?}", pods.items);
+
+    // The config appears (as a DaemonSet would install it): ready without a restart.
+    std::fs::write(conf_dir.join("10-berth-test.conflist"), names.cni_conflist(&ipam_dir))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = network_condition(&mut rt).await?;
+        if c.status {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("NetworkReady still false after the config appeared: {c:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let id = rt.run_pod_sandbox(run("late")).await?.into_inner().pod_sandbox_id;
+    rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: id.clone() }).await?;
+    rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id }).await?;
+    ensure!(eventually(Duration::from_secs(5), || names.bridge_ports().is_empty()).await);
+    drop(d);
+    Ok(())
+}
+
+#[tokio::test]
+async fn pod_cidr_from_the_kubelet_is_used_for_new_pods() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let names = NetNames::unique(24);
+    let cidr = NetNames::unique(24);
+    let _guard = NetGuard::new(names.clone());
+    let mut env = start_env(names.bridge_toml()).await?;
+    let update = |pod_cidr: String| UpdateRuntimeConfigRequest {
+        runtime_config: Some(RuntimeConfig { network_config: Some(NetworkConfig { pod_cidr }) }),
+    };
+    let err = env.rt.update_runtime_config(update("not-a-cidr".into())).await.expect_err("bad");
+    ensure!(err.code() == tonic::Code::InvalidArgument, "{err:?}");
+    env.rt.update_runtime_config(update(cidr.subnet())).await?;
+    let id = env.run_pod(env.pod_config("cidr")).await?;
+    let ip = pod_ip(&mut env, &id).await?;
+    ensure!(cidr.contains(&ip), "{ip} not in the kubelet's pod CIDR {}", cidr.subnet());
+    env.remove_pod(&id).await?;
+    ensure!(names.bridge_ports().is_empty(), "veths left: {:?}", names.bridge_ports());
+    Ok(())
+}
