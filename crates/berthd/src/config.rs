@@ -312,9 +312,10 @@ mod tests {
 
     #[test]
     fn shim_kind_parses() {
-        let config: Config =
-            toml::from_str("[runtime]\nshim = \"external\"\nshim_binary = \"/usr/bin/berth-shim\"\n")
-                .expect("parse");
+        let config: Config = toml::from_str(
+            "[runtime]\nshim = \"external\"\nshim_binary = \"/usr/bin/berth-shim\"\n",
+        )
+        .expect("parse");
         assert_eq!(config.runtime.shim, ShimKind::External);
         assert_eq!(config.runtime.shim_binary, PathBuf::from("/usr/bin/berth-shim"));
         assert_eq!(Config::default().runtime.shim, ShimKind::Embedded);

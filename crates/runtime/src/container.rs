@@ -262,6 +262,8 @@ impl<S: Shim + 'static> Runtime<S> {
             .and_then(|c| c.stop_signal().as_deref().and_then(parse_signal))
             .unwrap_or(libc::SIGTERM);
         let runtime_root = self.config.state_dir.join("runtime").join(&handler);
+        // The external shim runs a pod's containers in that pod's shim process.
+        self.shim.bind_container(id, &sandbox.meta.id);
         let pid = self
             .shim
             .create(CreateTask {
@@ -433,7 +435,7 @@ impl<S: Shim + 'static> Runtime<S> {
         }
         self.record_exit(
             &entry.meta.id,
-            Exit { code: 137, at: std::time::SystemTime::now(), oom_killed: false },
+            Exit { code: 137, at: std::time::SystemTime::now(), oom_killed: false, lost: false },
         );
         Ok(())
     }

@@ -20,8 +20,9 @@ pub enum AnyShim {
 }
 
 impl AnyShim {
-    /// After a berthd restart: the tasks that survived it (external shims only; embedded
-    /// tasks die with berthd, so the list is empty). See [`ExternalShim::connect_existing`].
+    /// After a berthd restart: the tasks that survived it (external shims only; the
+    /// embedded shim cannot reattach to its tasks, so the list is empty). See
+    /// [`ExternalShim::connect_existing`].
     pub async fn connect_existing(&self) -> Result<Vec<crate::RecoveredTask>, ShimError> {
         match self {
             AnyShim::Embedded(_) => Ok(Vec::new()),
@@ -77,5 +78,8 @@ impl Shim for AnyShim {
     }
     async fn release_pod(&self, pod_id: &str) -> Result<(), ShimError> {
         forward!(self, s => s.release_pod(pod_id).await)
+    }
+    async fn reattach(&self) -> Result<Vec<crate::RecoveredTask>, ShimError> {
+        self.connect_existing().await
     }
 }

@@ -369,7 +369,7 @@ async fn monitor_exit(
     if drained.is_err() {
         tracing::debug!(id, "output still open after exit (background process?); not waiting");
     }
-    let exit = Exit { code, at, oom_killed };
+    let exit = Exit { code, at, oom_killed, lost: false };
     tracing::debug!(id, pid, code, oom_killed, "task exited");
     exit_tx.send_replace(Some(exit));
     let _ = events.send(TaskEvent::Exited { id, exit });

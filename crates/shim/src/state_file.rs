@@ -117,6 +117,7 @@ mod tests {
             code: 3,
             at: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             oom_killed: false,
+            lost: false,
         });
         write(dir.path(), &rec).unwrap();
         std::fs::write(dir.path().join("garbage.json"), b"{").unwrap();

@@ -838,4 +838,8 @@ impl Shim for ExternalShim {
     async fn release_pod(&self, pod_id: &str) -> Result<(), ShimError> {
         self.shutdown_pod_shim(pod_id).await
     }
+
+    async fn reattach(&self) -> Result<Vec<RecoveredTask>, ShimError> {
+        self.connect_existing().await
+    }
 }

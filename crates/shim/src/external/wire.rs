@@ -128,12 +128,12 @@ pub fn exit_from(m: &proto::Exit) -> Exit {
     } else {
         UNIX_EPOCH - Duration::from_nanos(m.exited_at_unix_nanos.unsigned_abs())
     };
-    Exit { code: m.code, at, oom_killed: m.oom_killed }
+    Exit { code: m.code, at, oom_killed: m.oom_killed, lost: false }
 }
 
 /// The exit reported for a task whose shim died without recording its exit.
 pub fn lost_exit() -> Exit {
-    Exit { code: 255, at: SystemTime::now(), oom_killed: false }
+    Exit { code: 255, at: SystemTime::now(), oom_killed: false, lost: true }
 }
 
 /// A task's state to its message.
@@ -316,6 +316,7 @@ mod tests {
             code: 137,
             at: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
             oom_killed: true,
+            lost: false,
         };
         assert_eq!(exit_from(&exit_msg(&exit)), exit);
         for s in
