@@ -12,10 +12,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncWriteExt, BufWriter};
 
-use crate::digest::Digest;
+use crate::digest::{Digest, Hasher};
 use crate::error::ImageError;
 
 /// Sequence for unique ingest file names within this process.
@@ -98,8 +97,9 @@ impl ContentStore {
             temp,
             target: self.path(digest),
             file: BufWriter::with_capacity(WRITE_BUFFER, file),
-            hasher: Sha256::new(),
+            hasher: Hasher::new(),
             written: 0,
+            verified: false,
             committed: false,
         })
     }
@@ -179,8 +179,10 @@ pub struct Ingest {
     temp: PathBuf,
     target: PathBuf,
     file: BufWriter<tokio::fs::File>,
-    hasher: Sha256,
+    hasher: Hasher,
     written: u64,
+    /// [`Ingest::verify`] succeeded (the hasher is spent).
+    verified: bool,
     committed: bool,
 }
 
@@ -213,8 +215,13 @@ impl Ingest {
         self.expected
     }
 
-    /// Verifies size and digest, fsyncs, and renames the blob into place.
-    pub async fn commit(mut self) -> Result<(), ImageError> {
+    /// Verifies size and digest and fsyncs, without putting the blob in place yet (a
+    /// streamed pull does this while the layer's unpack finishes, and renames only once
+    /// both check out). Calling it again after success does nothing.
+    pub async fn verify(&mut self) -> Result<(), ImageError> {
+        if self.verified {
+            return Ok(());
+        }
         if self.written != self.expected {
             return Err(ImageError::SizeMismatch {
                 reference: self.reference.clone(),
@@ -223,7 +230,7 @@ impl Ingest {
                 actual: self.written,
             });
         }
-        let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
+        let actual = Digest::from_hasher(std::mem::replace(&mut self.hasher, Hasher::new()));
         if actual != self.digest {
             return Err(ImageError::DigestMismatch {
                 reference: self.reference.clone(),
@@ -233,6 +240,13 @@ impl Ingest {
         }
         self.file.flush().await.map_err(|e| ImageError::io(&self.temp, e))?;
         self.file.get_ref().sync_all().await.map_err(|e| ImageError::io(&self.temp, e))?;
+        self.verified = true;
+        Ok(())
+    }
+
+    /// Verifies size and digest, fsyncs, and renames the blob into place.
+    pub async fn commit(mut self) -> Result<(), ImageError> {
+        self.verify().await?;
         tokio::fs::rename(&self.temp, &self.target)
             .await
             .map_err(|e| ImageError::io(&self.target, e))?;

@@ -5,6 +5,29 @@ use std::fmt;
 
 use sha2::{Digest as _, Sha256};
 
+/// Incremental sha256 for big blobs. aws-lc's assembly (AVX2, SHA-NI where present) is
+/// 2-3x faster than the `sha2` crate's portable code on CPUs without SHA-NI, and hashing is
+/// most of a pull's CPU time; the crate is already built for rustls.
+pub(crate) struct Hasher(aws_lc_rs::digest::Context);
+
+impl Hasher {
+    /// A fresh hasher.
+    pub(crate) fn new() -> Self {
+        Self(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256))
+    }
+
+    /// Feeds `bytes`.
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+impl fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Hasher(sha256)")
+    }
+}
+
 /// A validated `sha256:<hex>` digest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(String);
@@ -30,8 +53,8 @@ impl Digest {
     }
 
     /// The digest a finished hasher stands for.
-    pub(crate) fn from_hasher(hasher: Sha256) -> Self {
-        Self(format!("sha256:{}", hex::encode(hasher.finalize())))
+    pub(crate) fn from_hasher(hasher: Hasher) -> Self {
+        Self(format!("sha256:{}", hex::encode(hasher.0.finish().as_ref())))
     }
 
     /// The hex part.
@@ -74,5 +97,15 @@ mod tests {
         assert!(Digest::parse(&d.as_str().to_uppercase()).is_err());
         assert!(Digest::parse("sha256:../../etc/passwd").is_err());
         assert!(Digest::parse(d.hex()).is_err());
+    }
+
+    #[test]
+    fn hasher_matches_one_shot() {
+        let data = b"some bytes to hash".repeat(1000);
+        let mut hasher = Hasher::new();
+        for chunk in data.chunks(77) {
+            hasher.update(chunk);
+        }
+        assert_eq!(Digest::from_hasher(hasher), Digest::of(&data));
     }
 }

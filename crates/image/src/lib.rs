@@ -5,7 +5,8 @@
 //! Modules, one job each: [`reference`] parses and normalises names, `registry` talks to
 //! registries (mirrors, auth, HTTP/HTTPS), `manifest` and `platform` read manifests and pick
 //! this host's, [`content`] stores verified blobs, `meta` keeps records in redb, `pull`
-//! orchestrates a pull (single flight), `gc` collects what removed images leave behind.
+//! orchestrates a pull (single flight, each layer unpacked while it downloads, through the
+//! bounded channel in `tee`), `gc` collects what removed images leave behind.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ mod platform;
 mod pull;
 pub mod reference;
 mod registry;
+mod tee;
 
 pub use digest::Digest;
 pub use error::{ErrorClass, ImageError, TransportError};

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use berth_snapshot::{Compression, chain_ids};
+use berth_snapshot::{Compression, PreparedLayer, chain_ids};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::Semaphore;
@@ -25,6 +25,7 @@ use crate::meta::ImageRecord;
 use crate::platform;
 use crate::reference::ImageReference;
 use crate::registry::{self, Session};
+use crate::tee;
 use crate::{Credentials, Image, Inner};
 
 /// What one pull cost.
@@ -110,7 +111,7 @@ pub(crate) async fn pull_shared(
 }
 
 /// Aborts layer downloads still running when the pull fails early.
-struct AbortOnDrop(Vec<JoinHandle<Result<u64, ImageError>>>);
+struct AbortOnDrop(Vec<JoinHandle<Result<Fetched, ImageError>>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -244,8 +245,9 @@ async fn pull(
     Ok((stored.image, stats))
 }
 
-/// Downloads the layers, at most `max_downloads` at once, and unpacks each in order as soon
-/// as it and the ones below it are there. Returns the bytes downloaded.
+/// Downloads and unpacks the layers, at most `max_downloads` at once, each unpacked while
+/// it downloads (see [`fetch_layer`]), and puts the unpacked layers in place bottom up as
+/// each and the ones below it are done. Returns the bytes downloaded.
 async fn fetch_and_unpack(
     inner: &Arc<Inner>,
     session: &Session,
@@ -256,52 +258,138 @@ async fn fetch_and_unpack(
 ) -> Result<u64, ImageError> {
     let semaphore = Arc::new(Semaphore::new(inner.max_downloads));
     let mut tasks = AbortOnDrop(Vec::with_capacity(layers.len()));
-    for layer in layers {
+    for (i, layer) in layers.iter().enumerate() {
         let (inner, session, semaphore) = (inner.clone(), session.clone(), semaphore.clone());
-        let (digest, size) = (layer.digest.clone(), layer.size);
-        let reference = reference.to_string();
+        let job = LayerJob {
+            reference: reference.to_string(),
+            digest: layer.digest.clone(),
+            size: layer.size,
+            compression: layer.compression,
+            diff_id: diff_ids[i].clone(),
+            chain: chains[i].clone(),
+            parent: i.checked_sub(1).map(|below| chains[below].clone()),
+        };
         tasks.0.push(tokio::spawn(async move {
-            let _permit = semaphore
-                .acquire_owned()
-                .await
-                .map_err(|e| ImageError::PullTask { reference, message: e.to_string() })?;
-            session.fetch_blob(&inner.content, &digest, size).await
+            let _permit = semaphore.acquire_owned().await.map_err(|e| ImageError::PullTask {
+                reference: job.reference.clone(),
+                message: e.to_string(),
+            })?;
+            fetch_layer(&inner, &session, job).await
         }));
     }
     let mut downloaded = 0;
-    let mut parent: Option<String> = None;
     for (i, layer) in layers.iter().enumerate() {
-        downloaded += (&mut tasks.0[i]).await.map_err(|e| ImageError::PullTask {
+        let task_error = |e: tokio::task::JoinError| ImageError::PullTask {
             reference: reference.to_string(),
             message: e.to_string(),
-        })??;
+        };
+        let (bytes, prepared) = (&mut tasks.0[i]).await.map_err(task_error)??;
+        downloaded += bytes;
+        let Some(prepared) = prepared else { continue };
+        // The layer below is in place by now (earlier iterations), as committing requires.
         let snapshots = inner.snapshots.clone();
-        let (chain, diff_id) = (chains[i].clone(), diff_ids[i].clone());
-        let blob = inner.content.path(&layer.digest);
-        let compression = layer.compression;
-        let below = parent.clone();
-        let unpacked = tokio::task::spawn_blocking(move || {
-            if snapshots.has(&chain) {
-                return Ok(None);
-            }
-            snapshots.unpack_layer(below.as_deref(), &diff_id, &blob, compression).map(Some)
-        })
-        .await
-        .map_err(|e| ImageError::PullTask {
-            reference: reference.to_string(),
-            message: e.to_string(),
-        })?
-        .map_err(|e| ImageError::Unpack {
-            reference: reference.to_string(),
-            digest: layer.digest.to_string(),
-            source: Arc::new(e),
-        })?;
-        if let Some(made) = unpacked.filter(|made| *made != chains[i]) {
+        let made = tokio::task::spawn_blocking(move || snapshots.commit_layer(prepared))
+            .await
+            .map_err(task_error)?
+            .map_err(|e| ImageError::Unpack {
+                reference: reference.to_string(),
+                digest: layer.digest.to_string(),
+                source: Arc::new(e),
+            })?;
+        if made != chains[i] {
             tracing::warn!(%reference, expected = %chains[i], %made, "snapshotter chain ID differs");
         }
-        parent = Some(chains[i].clone());
     }
     Ok(downloaded)
+}
+
+/// One layer for [`fetch_layer`].
+struct LayerJob {
+    reference: String,
+    digest: Digest,
+    size: u64,
+    compression: Compression,
+    diff_id: String,
+    /// The layer's chain ID.
+    chain: String,
+    /// The chain ID of the layer below.
+    parent: Option<String>,
+}
+
+/// Result of [`fetch_layer`]: bytes downloaded, and the unpacked layer waiting to be put in
+/// place (none if its snapshot existed already).
+type Fetched = (u64, Option<PreparedLayer>);
+
+/// Gets one layer's blob into the content store and its files into a prepared (not yet
+/// visible) snapshot.
+///
+/// A blob not yet in the store is unpacked while it downloads: each chunk goes to the
+/// ingest file (hashed for the blob digest) and through a channel to a blocking thread that
+/// decompresses, hashes the tar for the diff ID and writes the files. The blob is renamed
+/// into place only when both digests check out; any failure removes both the ingest file
+/// and the unpacked files. The layer below need not be there yet: the caller commits the
+/// prepared layers bottom up.
+async fn fetch_layer(
+    inner: &Arc<Inner>,
+    session: &Session,
+    job: LayerJob,
+) -> Result<Fetched, ImageError> {
+    let unpack_error = |e| ImageError::Unpack {
+        reference: job.reference.clone(),
+        digest: job.digest.to_string(),
+        source: Arc::new(e),
+    };
+    let task_error = |e: tokio::task::JoinError| ImageError::PullTask {
+        reference: job.reference.clone(),
+        message: e.to_string(),
+    };
+    if inner.snapshots.has(&job.chain) {
+        // Unpacked already (another image shares it): the blob is all that may be missing.
+        let bytes = session.fetch_blob(&inner.content, &job.digest, job.size).await?;
+        return Ok((bytes, None));
+    }
+    let snapshots = inner.snapshots.clone();
+    let origin = inner.content.path(&job.digest);
+    let (parent, diff_id, compression) = (job.parent.clone(), job.diff_id.clone(), job.compression);
+    if inner.content.has(&job.digest) {
+        let prepared = tokio::task::spawn_blocking(move || {
+            let reader = std::fs::File::open(&origin).map_err(|source| {
+                berth_snapshot::SnapshotError::Io {
+                    action: "open layer blob",
+                    path: origin.clone(),
+                    source,
+                }
+            })?;
+            snapshots.prepare_layer(parent.as_deref(), &diff_id, &origin, reader, compression)
+        })
+        .await
+        .map_err(task_error)?
+        .map_err(unpack_error)?;
+        return Ok((0, Some(prepared)));
+    }
+    let (tx, reader) = tee::channel();
+    let unpack = tokio::task::spawn_blocking(move || {
+        snapshots.prepare_layer(parent.as_deref(), &diff_id, &origin, reader, compression)
+    });
+    // On a download error the sender is gone and the unpack sees the end of its input;
+    // waiting for it means its temp dir is gone when the pull reports the error.
+    let downloaded = session.download(&inner.content, &job.digest, job.size, Some(tx)).await;
+    let mut ingest = match downloaded {
+        Ok(ingest) => ingest,
+        Err(e) => {
+            drop(unpack.await);
+            return Err(e);
+        }
+    };
+    // The blob's digest check and fsync overlap the end of the unpack.
+    let (prepared, verified) = tokio::join!(unpack, ingest.verify());
+    // A corrupt blob also fails to unpack; its digest is the error that says why.
+    verified?;
+    let prepared = prepared.map_err(task_error)?.map_err(unpack_error)?;
+    let bytes = ingest.written();
+    ingest.commit().await?;
+    tracing::debug!(reference = %job.reference, digest = %job.digest, bytes, "layer fetched and unpacked");
+    Ok((bytes, Some(prepared)))
 }
 
 /// Writes a manifest held in memory to the store, unless it is there.

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -249,12 +249,41 @@ impl Session {
         if store.has(digest) {
             return Ok(0);
         }
+        let ingest = self.download(store, digest, size, None).await?;
+        let written = ingest.written();
+        ingest.commit().await?;
+        Ok(written)
+    }
+
+    /// Streams blob `digest` of `size` bytes into a new [`Ingest`] of `store`, also handing
+    /// every chunk to `tee` when given (a layer unpack reading the download as it arrives).
+    /// The ingest is returned unverified; the caller verifies and commits it. If `tee`'s
+    /// reader goes away (its unpack failed), the download stops early: the short ingest
+    /// then cannot verify, and the caller reports the unpack's error.
+    pub async fn download(
+        &self,
+        store: &ContentStore,
+        digest: &Digest,
+        size: u64,
+        tee: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    ) -> Result<Ingest, ImageError> {
         let target = self.target_by_digest(digest);
-        let mut stream = self
+        // A range request from offset 0 gets the whole blob, but oci-client hands back a
+        // 206 answer's body without hashing it itself: the ingest hashes every byte anyway,
+        // and a second sha256 pass over a big layer costs about as much as unpacking it.
+        // A registry ignoring ranges answers 200, which oci-client verifies as before.
+        let response = self
             .client
-            .pull_blob_stream(&target, digest.as_str())
+            .pull_blob_stream_partial(&target, digest.as_str(), 0, None)
             .await
             .map_err(|e| self.map_error(e, &format!("blob {digest}")))?;
+        let mut stream = match response {
+            BlobResponse::Partial(stream) => stream,
+            BlobResponse::Full(stream) => {
+                tracing::debug!(reference = %self.reference, %digest, "range ignored, whole blob");
+                stream
+            }
+        };
         if let Some(length) = stream.content_length
             && length != size
         {
@@ -268,14 +297,21 @@ impl Session {
         let mut ingest = store.begin(&self.reference, digest, size).await?;
         while let Some(chunk) = stream.next().await {
             match chunk {
-                Ok(bytes) => ingest.write(&bytes).await?,
+                Ok(bytes) => {
+                    ingest.write(&bytes).await?;
+                    if let Some(tx) = &tee
+                        && tx.send(bytes).await.is_err()
+                    {
+                        break;
+                    }
+                }
                 Err(e) => return Err(self.stream_error(e, &ingest, digest)),
             }
         }
-        let written = ingest.written();
-        ingest.commit().await?;
-        tracing::debug!(reference = %self.reference, %digest, bytes = written, "blob downloaded");
-        Ok(written)
+        tracing::debug!(
+            reference = %self.reference, %digest, bytes = ingest.written(), "blob downloaded"
+        );
+        Ok(ingest)
     }
 
     /// An error in the middle of a blob: oci-client's own digest check at the end of the

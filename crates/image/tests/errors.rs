@@ -26,6 +26,7 @@ struct Env {
     _dir: tempfile::TempDir,
     store: ImageStore,
     content: std::path::PathBuf,
+    snapshots: std::path::PathBuf,
 }
 
 fn env(registry: RegistryConfig) -> Env {
@@ -36,7 +37,8 @@ fn env(registry: RegistryConfig) -> Env {
     let config =
         ImageConfig { content_dir: content.clone(), registry, max_concurrent_downloads: 3 };
     let store = ImageStore::open(db, snapshots, config).unwrap();
-    Env { _dir: dir, store, content }
+    let snapshots = dir.path().join("snapshots");
+    Env { _dir: dir, store, content, snapshots }
 }
 
 impl Env {
@@ -49,6 +51,9 @@ impl Env {
             assert!(allowed.contains(&name.as_str()), "unexpected blob {name}");
         }
         assert!(self.store.list().unwrap().is_empty());
+        // No layer snapshot, finished or half-unpacked.
+        let layers: Vec<_> = std::fs::read_dir(self.snapshots.join("layers")).unwrap().collect();
+        assert!(layers.is_empty(), "layers not empty: {layers:?}");
     }
 }
 
@@ -145,6 +150,43 @@ async fn corrupt_blob_is_digest_mismatch() {
     );
     assert_eq!(err.grpc_class(), ErrorClass::DataLoss);
     env.assert_clean(&[&manifest]);
+}
+
+#[tokio::test]
+async fn corrupt_layer_is_digest_mismatch_and_leaves_no_unpack() {
+    let reg = FakeRegistry::start().await;
+    let good = support::layer(&[("etc/hello", "hello")], support::Comp::None);
+    let (manifest, config, layer) = reg.serve_image("app", "v1", &good.blob, good.media_type);
+    // Another valid tar of the same size under the layer's digest: it unpacks, but must
+    // not stay.
+    let other = support::layer(&[("etc/hello", "howdy")], support::Comp::None);
+    reg.route(
+        &format!("/v2/app/blobs/{layer}"),
+        Route::Ok("application/octet-stream", other.blob.clone()),
+    );
+    let env = env(RegistryConfig::default());
+    let err = env.store.pull(&format!("{}/app:v1", reg.host()), None).await.unwrap_err();
+    eprintln!("{}", chain(&err));
+    assert!(
+        matches!(err, ImageError::DigestMismatch { ref digest, .. } if *digest == layer),
+        "{err}"
+    );
+    env.assert_clean(&[&manifest, &config]);
+}
+
+#[tokio::test]
+async fn layer_diff_id_mismatch_keeps_neither_blob_nor_layer() {
+    let reg = FakeRegistry::start().await;
+    // serve_image's config names a diff ID the layer does not have.
+    let good = support::layer(&[("etc/hello", "hello")], support::Comp::Gzip);
+    let (manifest, config, layer) = reg.serve_image("app", "v1", &good.blob, good.media_type);
+    let env = env(RegistryConfig::default());
+    let err = env.store.pull(&format!("{}/app:v1", reg.host()), None).await.unwrap_err();
+    let text = chain(&err);
+    eprintln!("{text}");
+    assert!(matches!(err, ImageError::Unpack { ref digest, .. } if *digest == layer), "{err}");
+    assert!(text.contains("layer digest mismatch"), "{text}");
+    env.assert_clean(&[&manifest, &config]);
 }
 
 #[tokio::test]

@@ -2,25 +2,28 @@
 
 use std::io::{self, Read};
 
-use sha2::{Digest, Sha256};
+use aws_lc_rs::digest::{Context, SHA256};
 
 /// Hashes every byte read through it with sha256 (the uncompressed layer, for its diff ID).
+///
+/// aws-lc's sha256 (AVX2 / SHA-NI assembly) rather than the `sha2` crate: on CPUs without
+/// SHA-NI it is 2-3x faster, and hashing the uncompressed layer is a large share of an unpack.
 pub(crate) struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: Context,
 }
 
 impl<R: Read> HashingReader<R> {
     /// Wraps `inner`.
     pub(crate) fn new(inner: R) -> Self {
-        Self { inner, hasher: Sha256::new() }
+        Self { inner, hasher: Context::new(&SHA256) }
     }
 
     /// Reads `inner` to its end (tar padding after the end-of-archive blocks is part of the
     /// diff ID) and returns the digest as `sha256:<hex>`.
     pub(crate) fn finish(mut self) -> io::Result<String> {
         io::copy(&mut self, &mut io::sink())?;
-        Ok(format!("sha256:{}", hex::encode(self.hasher.finalize())))
+        Ok(format!("sha256:{}", hex::encode(self.hasher.finish().as_ref())))
     }
 }
 
@@ -35,6 +38,7 @@ impl<R: Read> Read for HashingReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn hashes_everything_including_unread_tail() {

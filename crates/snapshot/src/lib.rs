@@ -21,6 +21,7 @@ mod digest;
 mod error;
 mod layout;
 mod overlay;
+mod pipe;
 mod unpack;
 mod usage;
 mod whiteout;
@@ -29,7 +30,7 @@ mod whiteout;
 mod tests;
 
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -64,6 +65,32 @@ pub struct Usage {
     pub bytes: u64,
     /// Inodes (files, directories, links).
     pub inodes: u64,
+}
+
+/// A layer unpacked and verified into a temp dir by [`Snapshotter::prepare_layer`], not yet
+/// visible. Dropping it without [`Snapshotter::commit_layer`] removes the temp dir (a crash
+/// leaves it for [`Snapshotter::open`] to sweep).
+#[derive(Debug)]
+pub struct PreparedLayer {
+    /// The temp dir; `None` once committed.
+    tmp: Option<PathBuf>,
+    chain_id: String,
+    parent: Option<String>,
+}
+
+impl PreparedLayer {
+    /// The chain ID the layer will have.
+    pub fn chain_id(&self) -> &str {
+        &self.chain_id
+    }
+}
+
+impl Drop for PreparedLayer {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            unpack::remove_quietly(&tmp);
+        }
+    }
 }
 
 /// Layer snapshots and container root filesystems under one directory.
@@ -163,6 +190,88 @@ impl Snapshotter {
         blob: &Path,
         compression: Compression,
     ) -> Result<String, SnapshotError> {
+        self.check_unpack(parent, diff_id)?;
+        let chain_id = child_chain_id(parent, diff_id);
+        if self.has(&chain_id) {
+            debug!(%chain_id, "layer already unpacked");
+            return Ok(chain_id);
+        }
+        let reader = unpack::open_blob(blob)?;
+        self.unpack_layer_from_reader(parent, diff_id, blob, reader, compression)
+    }
+
+    /// [`Snapshotter::unpack_layer`] from a byte stream instead of a file: `reader` yields the
+    /// (compressed) layer blob, `origin` names it in error messages. `parent` must exist.
+    /// Unpacks even if the layer exists already (the caller has the stream in hand; the
+    /// final rename then keeps the existing copy).
+    pub fn unpack_layer_from_reader(
+        &self,
+        parent: Option<&str>,
+        diff_id: &str,
+        origin: &Path,
+        reader: impl Read + Send,
+        compression: Compression,
+    ) -> Result<String, SnapshotError> {
+        self.check_unpack(parent, diff_id)?;
+        let prepared = self.prepare_layer(parent, diff_id, origin, reader, compression)?;
+        self.commit_layer(prepared)
+    }
+
+    /// The first half of an unpack, for pipelines that unpack a layer while its bytes are
+    /// still arriving and before the layers below it are in place: unpacks `reader` into a
+    /// temp dir and verifies `diff_id`, but does not make the layer visible.
+    /// [`Snapshotter::commit_layer`] does, once the caller has checked whatever else it
+    /// must (the compressed digest) and `parent` exists; dropping the [`PreparedLayer`]
+    /// instead removes it.
+    pub fn prepare_layer(
+        &self,
+        parent: Option<&str>,
+        diff_id: &str,
+        origin: &Path,
+        reader: impl Read + Send,
+        compression: Compression,
+    ) -> Result<PreparedLayer, SnapshotError> {
+        diff_hex(diff_id)?;
+        if let Some(p) = parent {
+            chain_hex(p)?;
+        }
+        let chain_id = child_chain_id(parent, diff_id);
+        let started = std::time::Instant::now();
+        let tmp = unpack::prepare(
+            &self.layout,
+            parent,
+            diff_id,
+            origin,
+            reader,
+            compression,
+            self.policy,
+        )?;
+        debug!(%chain_id, %diff_id, elapsed_ms = started.elapsed().as_millis() as u64, "layer prepared");
+        Ok(PreparedLayer { tmp: Some(tmp), chain_id, parent: parent.map(str::to_owned) })
+    }
+
+    /// Puts a prepared layer in place and returns its chain ID. Its parent must exist by
+    /// now ([`SnapshotError::ParentNotFound`] otherwise, and the layer is removed).
+    pub fn commit_layer(&self, mut layer: PreparedLayer) -> Result<String, SnapshotError> {
+        if let Some(p) = &layer.parent
+            && !self.has(p)
+        {
+            return Err(SnapshotError::ParentNotFound(p.clone()));
+        }
+        let Some(tmp) = layer.tmp.take() else {
+            return Ok(layer.chain_id.clone());
+        };
+        let result = unpack::commit(&self.layout, &layer.chain_id, &tmp);
+        if result.is_err() {
+            unpack::remove_quietly(&tmp);
+        }
+        result?;
+        info!(chain_id = %layer.chain_id, "layer unpacked");
+        Ok(layer.chain_id.clone())
+    }
+
+    /// Checks the arguments of an unpack whose parent must exist now.
+    fn check_unpack(&self, parent: Option<&str>, diff_id: &str) -> Result<(), SnapshotError> {
         diff_hex(diff_id)?;
         if let Some(p) = parent {
             chain_hex(p)?;
@@ -170,15 +279,7 @@ impl Snapshotter {
                 return Err(SnapshotError::ParentNotFound(p.to_owned()));
             }
         }
-        let chain_id = child_chain_id(parent, diff_id);
-        if self.has(&chain_id) {
-            debug!(%chain_id, "layer already unpacked");
-            return Ok(chain_id);
-        }
-        let started = std::time::Instant::now();
-        unpack::unpack(&self.layout, &chain_id, parent, diff_id, blob, compression, self.policy)?;
-        info!(%chain_id, %diff_id, elapsed_ms = started.elapsed().as_millis() as u64, "layer unpacked");
-        Ok(chain_id)
+        Ok(())
     }
 
     /// Removes the layer snapshot `chain_id` (callers make sure no image or container uses

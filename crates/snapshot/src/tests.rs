@@ -665,3 +665,83 @@ fn invalid_keys_are_refused() {
     ));
     assert!(!env.snap.root().join("active/k").exists());
 }
+
+#[test]
+fn unpack_from_reader_in_every_compression() {
+    let env = Env::new();
+    let tar = Layer::new().dir("etc/").file("etc/motd", b"streamed").finish();
+    for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
+        let blob = compress(&tar, c);
+        let chain = env
+            .snap
+            .unpack_layer_from_reader(None, &digest(&tar), Path::new("stream"), &blob[..], c)
+            .unwrap();
+        assert_eq!(chain, digest(&tar));
+        let motd = env.snap.layout.layer(&chain).unwrap().join("fs/etc/motd");
+        assert_eq!(fs::read(motd).unwrap(), b"streamed");
+    }
+}
+
+#[test]
+fn prepared_layers_commit_bottom_up_and_vanish_when_dropped() {
+    let env = Env::new();
+    let base = Layer::new().file("base", b"b").finish();
+    let top = Layer::new().file("top", b"t").finish();
+    let base_chain = digest(&base);
+    // The top layer is prepared before its parent exists.
+    let gz = compress(&top, Compression::Gzip);
+    let prepared_top = env
+        .snap
+        .prepare_layer(Some(&base_chain), &digest(&top), Path::new("t"), &gz[..], Compression::Gzip)
+        .unwrap();
+    let top_chain = prepared_top.chain_id().to_owned();
+    assert!(!env.snap.has(&top_chain));
+    let prepared_base = env
+        .snap
+        .prepare_layer(None, &digest(&base), Path::new("b"), &base[..], Compression::None)
+        .unwrap();
+    // Committing out of order is refused, and the refused layer is removed.
+    let err = env.snap.commit_layer(prepared_top).unwrap_err();
+    assert!(matches!(err, SnapshotError::ParentNotFound(ref p) if *p == base_chain), "{err}");
+    assert_eq!(env.snap.commit_layer(prepared_base).unwrap(), base_chain);
+    // Prepared again, committed in order.
+    let prepared_top = env
+        .snap
+        .prepare_layer(Some(&base_chain), &digest(&top), Path::new("t"), &gz[..], Compression::Gzip)
+        .unwrap();
+    assert_eq!(env.snap.commit_layer(prepared_top).unwrap(), top_chain);
+    assert_eq!(env.snap.parent(&top_chain).unwrap().as_deref(), Some(base_chain.as_str()));
+    // A prepared layer that is dropped leaves nothing.
+    let other = Layer::new().file("other", b"o").finish();
+    let dropped = env
+        .snap
+        .prepare_layer(None, &digest(&other), Path::new("o"), &other[..], Compression::None)
+        .unwrap();
+    drop(dropped);
+    let mut names = list(&env.snap.layout.layers()).unwrap();
+    names.sort();
+    let mut want = vec![base_chain[7..].to_owned(), top_chain[7..].to_owned()];
+    want.sort();
+    assert_eq!(names, want);
+}
+
+#[test]
+fn streamed_diff_id_mismatch_leaves_nothing() {
+    let env = Env::new();
+    let tar = Layer::new().file("f", b"x").finish();
+    let gz = compress(&tar, Compression::Gzip);
+    let wrong = digest(b"something else");
+    let err = env
+        .snap
+        .prepare_layer(None, &wrong, Path::new("s"), &gz[..], Compression::Gzip)
+        .unwrap_err();
+    assert!(matches!(err, SnapshotError::DigestMismatch { .. }), "{err}");
+    assert!(list(&env.snap.layout.layers()).unwrap().is_empty());
+    // A truncated gzip stream is a read error, also leaving nothing.
+    let err = env
+        .snap
+        .prepare_layer(None, &digest(&tar), Path::new("s"), &gz[..gz.len() / 2], Compression::Gzip)
+        .unwrap_err();
+    assert!(matches!(err, SnapshotError::ReadLayer { .. }), "{err}");
+    assert!(list(&env.snap.layout.layers()).unwrap().is_empty());
+}

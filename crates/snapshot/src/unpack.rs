@@ -1,54 +1,65 @@
-//! Unpacking one layer blob: blob file → decompressor → sha256 → tar entries, into a
-//! temp dir that is renamed into place only once the digest checks out.
+//! Unpacking one layer: byte stream (a blob file, or a download in flight) → decompressor →
+//! sha256 → tar entries, into a temp dir that is renamed into place only once the digest
+//! checks out (and, for a streamed download, once the compressed digest does too).
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use flate2::read::MultiGzDecoder;
 use tracing::{debug, warn};
 
 use crate::apply::{self, Policy};
 use crate::digest::HashingReader;
 use crate::layout::Layout;
+use crate::pipe::decode_in_thread;
 use crate::{Compression, SnapshotError};
 
 /// Read buffer between the blob file and the decompressor.
 const READ_BUF: usize = 256 * 1024;
 
-/// Unpacks `blob` as the layer `chain_id` (whose `parent` is already present), unless it
-/// exists. Safe against concurrent calls for the same layer: each works in its own temp dir
-/// and the loser of the final rename drops its copy.
-pub(crate) fn unpack(
+/// Unpacks the layer stream `reader` into a fresh temp dir under `layers/` (whose `parent`
+/// file names `parent`, which need not exist yet) and checks its diff ID. Returns the temp
+/// dir; on error nothing is left behind. `origin` names the blob in messages.
+pub(crate) fn prepare(
     layout: &Layout,
-    chain_id: &str,
     parent: Option<&str>,
     diff_id: &str,
-    blob: &Path,
+    origin: &Path,
+    reader: impl Read + Send,
     compression: Compression,
     policy: Policy,
-) -> Result<(), SnapshotError> {
-    let dest = layout.layer(chain_id)?;
+) -> Result<PathBuf, SnapshotError> {
     let tmp = layout.temp();
     fs::create_dir(&tmp).map_err(|source| SnapshotError::Io {
         action: "create temp dir",
         path: tmp.clone(),
         source,
     })?;
-    let result = fill(&tmp, parent, diff_id, blob, compression, policy);
-    let result = result.and_then(|()| match fs::rename(&tmp, &dest) {
+    match fill(&tmp, parent, diff_id, origin, reader, compression, policy) {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            remove_quietly(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Renames the finished temp dir `tmp` into place as `chain_id`. Safe against concurrent
+/// unpacks of the same layer: the loser of the rename drops its copy. On error `tmp` is
+/// left for the caller to remove.
+pub(crate) fn commit(layout: &Layout, chain_id: &str, tmp: &Path) -> Result<(), SnapshotError> {
+    let dest = layout.layer(chain_id)?;
+    match fs::rename(tmp, &dest) {
         Ok(()) => Ok(()),
         // Someone else finished the same layer first; theirs is as good as ours.
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
             debug!(chain_id, "layer unpacked concurrently, dropping our copy");
-            remove_quietly(&tmp);
+            remove_quietly(tmp);
             Ok(())
         }
         Err(source) => Err(SnapshotError::Io { action: "rename into place", path: dest, source }),
-    });
-    if result.is_err() {
-        remove_quietly(&tmp);
     }
-    result
 }
 
 /// Writes `fs/` and `parent` into the temp dir.
@@ -56,7 +67,8 @@ fn fill(
     tmp: &Path,
     parent: Option<&str>,
     diff_id: &str,
-    blob: &Path,
+    origin: &Path,
+    reader: impl Read + Send,
     compression: Compression,
     policy: Policy,
 ) -> Result<(), SnapshotError> {
@@ -66,7 +78,7 @@ fn fill(
         path: fs_dir.clone(),
         source,
     })?;
-    unpack_stream(&fs_dir, blob, compression, diff_id, policy)?;
+    unpack_stream(&fs_dir, origin, reader, compression, diff_id, policy)?;
     if let Some(parent) = parent {
         let path = tmp.join("parent");
         fs::write(&path, parent).map_err(|source| SnapshotError::Io {
@@ -78,35 +90,62 @@ fn fill(
     Ok(())
 }
 
-/// Streams the blob through decompression and hashing into `fs_dir`, then checks the
+/// Opens the layer blob file at `blob` for [`prepare`] (which buffers it).
+pub(crate) fn open_blob(blob: &Path) -> Result<File, SnapshotError> {
+    File::open(blob).map_err(|source| SnapshotError::Io {
+        action: "open layer blob",
+        path: blob.to_owned(),
+        source,
+    })
+}
+
+/// Streams the layer through decompression and hashing into `fs_dir`, then checks the
 /// digest of the whole uncompressed stream against `diff_id`.
-pub(crate) fn unpack_stream(
+fn unpack_stream(
     fs_dir: &Path,
-    blob: &Path,
+    origin: &Path,
+    reader: impl Read + Send,
     compression: Compression,
     diff_id: &str,
     policy: Policy,
 ) -> Result<(), SnapshotError> {
-    let read_err = |source| SnapshotError::ReadLayer { blob: blob.to_owned(), source };
-    let file = File::open(blob).map_err(|source| SnapshotError::Io {
-        action: "open layer blob",
-        path: blob.to_owned(),
-        source,
-    })?;
-    let buffered = BufReader::with_capacity(READ_BUF, file);
-    let plain: Box<dyn Read> = match compression {
-        Compression::None => Box::new(buffered),
+    // Buffered whatever the source: tar reads headers 512 bytes at a time, decoders read
+    // their input in small pieces too.
+    let buffered = BufReader::with_capacity(READ_BUF, reader);
+    let untar = |plain| untar(fs_dir, origin, plain, diff_id, policy);
+    match compression {
+        Compression::None => untar(Box::new(buffered)),
         // Multi-member: some writers (pigz, concatenated streams) emit several gzip members.
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(buffered)),
+        Compression::Gzip => decode_in_thread(
+            origin,
+            buffered,
+            |r| Ok(MultiGzDecoder::new(r)),
+            |p| untar(Box::new(p)),
+        ),
         Compression::Zstd => {
-            Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(read_err)?)
+            decode_in_thread(origin, buffered, zstd::stream::read::Decoder::with_buffer, |p| {
+                untar(Box::new(p))
+            })
         }
-    };
+    }
+}
+
+/// Writes the tar stream `plain` into `fs_dir` while hashing it, then checks the hash.
+fn untar(
+    fs_dir: &Path,
+    origin: &Path,
+    plain: Box<dyn Read + '_>,
+    diff_id: &str,
+    policy: Policy,
+) -> Result<(), SnapshotError> {
     let mut archive = tar::Archive::new(HashingReader::new(plain));
-    apply::apply(&mut archive, fs_dir, blob, policy)?;
+    apply::apply(&mut archive, fs_dir, origin, policy)?;
     // The tar end marker is not the end of the stream: zero padding up to the record size
     // follows, and it counts in the diff ID.
-    let actual = archive.into_inner().finish().map_err(read_err)?;
+    let actual = archive
+        .into_inner()
+        .finish()
+        .map_err(|source| SnapshotError::ReadLayer { blob: origin.to_owned(), source })?;
     if actual != diff_id {
         return Err(SnapshotError::DigestMismatch { expected: diff_id.to_owned(), actual });
     }
