@@ -508,3 +508,30 @@ async fn update_container_resources_changes_the_cgroup() -> anyhow::Result<()> {
     env.remove_pod(&pod).await?;
     Ok(())
 }
+
+/// The kubelet gives Guaranteed pods `oom_score_adj` -997. Without CAP_SYS_RESOURCE (as on
+/// this VM) nobody may lower a score below its parent's, so berth raises the value to its own
+/// instead of failing the container; with the capability the value goes through as asked.
+#[tokio::test]
+async fn negative_oom_score_adj_still_runs() -> anyhow::Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let pod_config = env.pod_config("oomadj");
+    let pod = env.run_pod(pod_config.clone()).await?;
+    let mut config = env.container_config(
+        "app",
+        &["/bin/sh", "-c", "trap 'exit 0' TERM; cat /proc/self/oom_score_adj; sleep 1000 & wait"],
+    );
+    config.linux.get_or_insert_with(Default::default).resources =
+        Some(LinuxContainerResources { oom_score_adj: -997, ..Default::default() });
+    let ctr = env.run(&pod, &pod_config, config).await?;
+    let s = env.status(&ctr).await?;
+    assert_eq!(s.state, ContainerState::ContainerRunning as i32);
+    let out = env.exec(&ctr, &["/bin/cat", "/proc/1/oom_score_adj"], 10).await?;
+    let score: i32 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    assert!((-997..=1000).contains(&score), "score {score}");
+    env.remove_pod(&pod).await?;
+    Ok(())
+}

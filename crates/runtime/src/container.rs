@@ -17,12 +17,13 @@ use k8s_cri::v1::{
 use crate::error::{Result, RuntimeError};
 use crate::filters::{id_matches, labels_match};
 use crate::names::container_name;
+use crate::oom_score;
 use crate::records::{ContainerMeta, ContainerStatus, ProcessRef};
 use crate::state::ContainerState;
 use crate::util::{
-    new_id, now_ns, process_alive, process_start_time, remove_dir_all, write_atomic,
+    new_id, now_ns, process_alive, process_start_time, remove_dir_all, write_volatile,
 };
-use crate::{ContainerEntry, Runtime, SandboxEntry, cgroups};
+use crate::{ContainerEntry, Runtime, SandboxEntry, blocking, cgroups};
 
 /// How long to wait for a container to die after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(30);
@@ -156,7 +157,7 @@ impl<S: Shim + 'static> Runtime<S> {
         let this = self.clone();
         let (task_id, task_name) = (id.clone(), name.clone());
         let result = tokio::spawn(async move {
-            let _pod = sandbox.op.lock().await;
+            let _pod = sandbox.op.read().await;
             if !sandbox.status().state.can_create_containers()
                 || this.sandbox(&sandbox.meta.id).is_none()
             {
@@ -210,6 +211,7 @@ impl<S: Shim + 'static> Runtime<S> {
         let rootfs = bundle.join("rootfs");
         std::fs::create_dir_all(&rootfs).map_err(RuntimeError::io("create directory", &rootfs))?;
         partial.bundle = Some(bundle.clone());
+        let t0 = std::time::Instant::now();
         let readonly = config
             .linux
             .as_ref()
@@ -226,9 +228,10 @@ impl<S: Shim + 'static> Runtime<S> {
             .map_err(RuntimeError::Snapshot)?;
         }
         partial.rootfs = true;
+        let t_rootfs = t0.elapsed();
 
         let cgroups_path = format!("{}/{id}", sandbox.meta.cgroup_parent.trim_end_matches('/'));
-        let spec = berth_oci::container_spec(&ContainerSpecInput {
+        let mut spec = berth_oci::container_spec(&ContainerSpecInput {
             sandbox: &sandbox.meta.config,
             container: &config,
             image_config: &image_config,
@@ -240,9 +243,22 @@ impl<S: Shim + 'static> Runtime<S> {
             cgroup_v2: self.cgroup_v2,
         })
         .map_err(RuntimeError::ContainerConfig)?;
-        let spec_json = serde_json::to_vec_pretty(&spec)
+        if let Some(process) = spec.process_mut()
+            && let Some(requested) = process.oom_score_adj()
+        {
+            let allowed = oom_score::clamp(requested, self.oom_score_floor);
+            if allowed != requested {
+                tracing::debug!(requested, allowed, "oom_score_adj raised to berthd's own");
+                process.set_oom_score_adj(Some(allowed));
+            }
+        }
+        // Compact, and not fsynced: the bundle lives in the volatile state dir and is only
+        // read by the runtime right below; a crash before the record is written leaves an
+        // orphan bundle that recovery removes anyway.
+        let spec_json = serde_json::to_vec(&spec)
             .map_err(|source| RuntimeError::Serialize { what: "OCI spec", source })?;
-        write_atomic(&bundle.join("config.json"), &spec_json)?;
+        write_volatile(&bundle.join("config.json"), &spec_json)?;
+        let t_spec = t0.elapsed();
 
         let log_dir = &sandbox.meta.config.log_directory;
         let log_path = if !log_dir.is_empty() && !config.log_path.is_empty() {
@@ -279,6 +295,7 @@ impl<S: Shim + 'static> Runtime<S> {
             .await
             .map_err(RuntimeError::Shim)?;
         partial.task = true;
+        let t_task = t0.elapsed();
 
         let meta = ContainerMeta {
             id: id.to_owned(),
@@ -301,7 +318,8 @@ impl<S: Shim + 'static> Runtime<S> {
             process: Some(ProcessRef { pid, start_time: process_start_time(pid) }),
             ..Default::default()
         };
-        self.store.create_container(&meta, &status)?;
+        blocking(|| self.store.create_container(&meta, &status))?;
+        tracing::debug!(container_id = %id, rootfs = ?t_rootfs, spec = ?t_spec, task = ?t_task, total = ?t0.elapsed(), "create timings");
         tracing::info!(container_id = %id, pod_id = %meta.sandbox_id, name = %meta.name, "container created");
         Ok(ContainerEntry::new(meta, status))
     }
@@ -452,6 +470,7 @@ impl<S: Shim + 'static> Runtime<S> {
     }
 
     pub(crate) async fn remove_container_locked(&self, entry: &ContainerEntry) -> Result<()> {
+        let t0 = std::time::Instant::now();
         self.stop_container_locked(entry, 0).await?;
         let id = &entry.meta.id;
         match self.shim.delete(id).await {
@@ -461,15 +480,26 @@ impl<S: Shim + 'static> Runtime<S> {
         // A task left by a previous berthd is unknown to the shim: make sure the runtime
         // forgets it too.
         self.runtime_delete_orphan(entry).await;
-        self.snapshots
-            .remove_rootfs(id, &entry.meta.bundle.join("rootfs"))
-            .map_err(RuntimeError::Snapshot)?;
-        remove_dir_all(&entry.meta.bundle)?;
-        self.store.delete_container(id)?;
+        let t_task = t0.elapsed();
+        // Unmount, rm -rf and the commit block: on the blocking pool, so pod removal can
+        // run several containers' at once and other calls are not stalled meanwhile.
+        let (snapshots, store) = (self.snapshots.clone(), self.store.clone());
+        let (task_id, bundle) = (id.clone(), entry.meta.bundle.clone());
+        tokio::task::spawn_blocking(move || {
+            snapshots
+                .remove_rootfs(&task_id, &bundle.join("rootfs"))
+                .map_err(RuntimeError::Snapshot)?;
+            remove_dir_all(&bundle)?;
+            store.delete_container(&task_id)
+        })
+        .await
+        .map_err(|e| RuntimeError::TaskFailed(e.to_string()))??;
+        let t_files = t0.elapsed();
         self.forget_container(id);
         self.names.release(&entry.meta.name, id);
         self.refresh_gauges();
         self.publish(entry, ContainerEventType::ContainerDeletedEvent);
+        tracing::debug!(container_id = %id, task = ?t_task, files = ?t_files, total = ?t0.elapsed(), "remove timings");
         tracing::info!(container_id = %id, "container removed");
         Ok(())
     }
@@ -573,7 +603,7 @@ impl<S: Shim + 'static> Runtime<S> {
         self.all_containers()
             .into_iter()
             .filter_map(|e| {
-                let state = e.status().state.to_cri() as i32;
+                let state = e.state().to_cri() as i32;
                 if let Some(f) = filter
                     && (!id_matches(&f.id, &e.meta.id)
                         || !id_matches(&f.pod_sandbox_id, &e.meta.sandbox_id)

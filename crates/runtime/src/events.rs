@@ -23,6 +23,11 @@ impl Events {
         let _ = self.tx.send(event);
     }
 
+    /// Whether anyone listens (events are not built otherwise).
+    pub(crate) fn has_subscribers(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
     /// A new subscription.
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<ContainerEventResponse> {
         self.tx.subscribe()

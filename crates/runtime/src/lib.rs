@@ -21,6 +21,7 @@ mod gc_users;
 pub mod names;
 mod net_runner;
 mod network;
+mod oom_score;
 mod pod_files;
 pub mod pod_init;
 mod records;
@@ -44,8 +45,8 @@ use k8s_cri::v1::ContainerEventResponse;
 use tokio::sync::broadcast;
 
 pub use error::{ErrorClass, Result, RuntimeError};
-pub use pod_init::POD_INIT_COMMAND;
 pub use net_runner::ReaperCommandRunner;
+pub use pod_init::POD_INIT_COMMAND;
 pub use records::{ContainerMeta, ContainerStatus, ProcessRef, SandboxMeta, SandboxStatus};
 pub use recovery::RecoveryReport;
 
@@ -75,8 +76,10 @@ pub struct RuntimeConfig {
 pub(crate) struct SandboxEntry {
     pub(crate) meta: SandboxMeta,
     status: RwLock<SandboxStatus>,
-    /// Serialises lifecycle operations (stop, remove) on this pod.
-    pub(crate) op: tokio::sync::Mutex<()>,
+    /// Serialises lifecycle operations on this pod: stop and remove take it for writing,
+    /// CreateContainer for reading (creates in one pod run in parallel, but never while the
+    /// pod is being stopped or removed).
+    pub(crate) op: tokio::sync::RwLock<()>,
     /// Serialises status writes, so the database and memory agree on the last one.
     persist: Mutex<()>,
 }
@@ -86,7 +89,7 @@ impl SandboxEntry {
         Arc::new(Self {
             meta,
             status: RwLock::new(status),
-            op: tokio::sync::Mutex::new(()),
+            op: tokio::sync::RwLock::new(()),
             persist: Mutex::new(()),
         })
     }
@@ -120,6 +123,32 @@ impl ContainerEntry {
     pub(crate) fn status(&self) -> ContainerStatus {
         self.status.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
+
+    /// The current state alone (no copy of the status' strings: lists read only this).
+    pub(crate) fn state(&self) -> ContainerState {
+        self.status.read().unwrap_or_else(PoisonError::into_inner).state
+    }
+}
+
+/// The containers in memory, by id and by pod, kept together under one lock so the two
+/// views always agree. The per-pod view keeps pod-wide work (publishing an event, stopping
+/// or removing a pod) proportional to the pod's containers, not to all of them.
+#[derive(Default)]
+struct ContainerIndex {
+    by_id: HashMap<String, Arc<ContainerEntry>>,
+    by_pod: HashMap<String, HashMap<String, Arc<ContainerEntry>>>,
+}
+
+/// Runs blocking work (a database commit with its fsync, an unmount) without stalling the
+/// async worker threads: on a multi-threaded runtime the worker hands its other tasks to
+/// another thread first; elsewhere (current-thread tests) it simply runs.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 /// The pod and container runtime. Generic over the shim so tests can use a double; berthd
@@ -131,10 +160,12 @@ pub struct Runtime<S: Shim = AnyShim> {
     snapshots: Arc<Snapshotter>,
     shim: Arc<S>,
     sandboxes: RwLock<HashMap<String, Arc<SandboxEntry>>>,
-    containers: RwLock<HashMap<String, Arc<ContainerEntry>>>,
+    containers: RwLock<ContainerIndex>,
     names: Names,
     events: Events,
     cgroup_v2: bool,
+    /// The lowest `oom_score_adj` a container may get (see `oom_score`).
+    oom_score_floor: Option<i32>,
     /// Pod networking, once berthd has set it ([`Runtime::set_network`]); without it pods
     /// get a network namespace with loopback only.
     network: OnceLock<Arc<berth_net::NetworkManager>>,
@@ -166,10 +197,11 @@ impl<S: Shim + 'static> Runtime<S> {
             snapshots,
             shim,
             sandboxes: RwLock::new(HashMap::new()),
-            containers: RwLock::new(HashMap::new()),
+            containers: RwLock::new(ContainerIndex::default()),
             names: Names::default(),
             events: Events::new(),
             cgroup_v2: berth_oci::detect_cgroup_v2(),
+            oom_score_floor: oom_score::floor(),
             network: OnceLock::new(),
         });
         runtime.load_records()?;
@@ -193,7 +225,7 @@ impl<S: Shim + 'static> Runtime<S> {
     }
 
     pub(crate) fn container(&self, id: &str) -> Option<Arc<ContainerEntry>> {
-        self.containers.read().unwrap_or_else(PoisonError::into_inner).get(id).cloned()
+        self.containers.read().unwrap_or_else(PoisonError::into_inner).by_id.get(id).cloned()
     }
 
     pub(crate) fn all_sandboxes(&self) -> Vec<Arc<SandboxEntry>> {
@@ -201,17 +233,23 @@ impl<S: Shim + 'static> Runtime<S> {
     }
 
     pub(crate) fn all_containers(&self) -> Vec<Arc<ContainerEntry>> {
-        self.containers.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
+        self.containers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_id
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub(crate) fn containers_of(&self, sandbox_id: &str) -> Vec<Arc<ContainerEntry>> {
         self.containers
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .filter(|c| c.meta.sandbox_id == sandbox_id)
-            .cloned()
-            .collect()
+            .by_pod
+            .get(sandbox_id)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Looks a sandbox up by id or unique id prefix (crictl sends prefixes).
@@ -235,7 +273,8 @@ impl<S: Shim + 'static> Runtime<S> {
         if id.is_empty() {
             return None;
         }
-        let map = self.containers.read().unwrap_or_else(PoisonError::into_inner);
+        let index = self.containers.read().unwrap_or_else(PoisonError::into_inner);
+        let map = &index.by_id;
         if let Some(e) = map.get(id) {
             return Some(e.clone());
         }
@@ -254,10 +293,13 @@ impl<S: Shim + 'static> Runtime<S> {
     }
 
     pub(crate) fn insert_container(&self, entry: Arc<ContainerEntry>) {
-        self.containers
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(entry.meta.id.clone(), entry);
+        let mut index = self.containers.write().unwrap_or_else(PoisonError::into_inner);
+        index
+            .by_pod
+            .entry(entry.meta.sandbox_id.clone())
+            .or_default()
+            .insert(entry.meta.id.clone(), entry.clone());
+        index.by_id.insert(entry.meta.id.clone(), entry);
     }
 
     pub(crate) fn forget_sandbox(&self, id: &str) {
@@ -265,7 +307,14 @@ impl<S: Shim + 'static> Runtime<S> {
     }
 
     pub(crate) fn forget_container(&self, id: &str) {
-        self.containers.write().unwrap_or_else(PoisonError::into_inner).remove(id);
+        let mut index = self.containers.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(entry) = index.by_id.remove(id) else { return };
+        if let Some(pod) = index.by_pod.get_mut(&entry.meta.sandbox_id) {
+            pod.remove(id);
+            if pod.is_empty() {
+                index.by_pod.remove(&entry.meta.sandbox_id);
+            }
+        }
     }
 
     /// Applies `change` to a container's status and persists it; `change` returns false to
@@ -281,7 +330,7 @@ impl<S: Shim + 'static> Runtime<S> {
         if !change(&mut next) {
             return Ok(None);
         }
-        self.store.put_container_status(&entry.meta.id, &next)?;
+        blocking(|| self.store.put_container_status(&entry.meta.id, &next))?;
         *entry.status.write().unwrap_or_else(PoisonError::into_inner) = next.clone();
         Ok(Some(next))
     }
@@ -294,7 +343,7 @@ impl<S: Shim + 'static> Runtime<S> {
     ) -> Result<()> {
         let _persist = entry.persist.lock().unwrap_or_else(PoisonError::into_inner);
         let next = SandboxStatus { state };
-        self.store.put_sandbox_status(&entry.meta.id, &next)?;
+        blocking(|| self.store.put_sandbox_status(&entry.meta.id, &next))?;
         *entry.status.write().unwrap_or_else(PoisonError::into_inner) = next;
         Ok(())
     }
@@ -303,8 +352,8 @@ impl<S: Shim + 'static> Runtime<S> {
     pub(crate) fn refresh_gauges(&self) {
         let m = berth_metrics::metrics();
         let mut counts: HashMap<&'static str, i64> = HashMap::new();
-        for c in self.all_containers() {
-            *counts.entry(c.status().state.name()).or_default() += 1;
+        for c in self.containers.read().unwrap_or_else(PoisonError::into_inner).by_id.values() {
+            *counts.entry(c.state().name()).or_default() += 1;
         }
         for state in [
             ContainerState::Created,
@@ -377,6 +426,10 @@ impl<S: Shim + 'static> Runtime<S> {
 
     /// Publishes a lifecycle event for `entry` with its pod's status and containers.
     pub(crate) fn publish(&self, entry: &ContainerEntry, kind: k8s_cri::v1::ContainerEventType) {
+        // Building an event costs the pod's statuses: skip it when nobody listens.
+        if !self.events.has_subscribers() {
+            return;
+        }
         let sandbox = self.sandbox(&entry.meta.sandbox_id);
         let pod_sandbox_status = sandbox.as_ref().map(|s| self.cri_sandbox_status(s));
         let mut containers_statuses: Vec<_> = self

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use k8s_cri::v1::DnsConfig;
 
 use crate::error::{Result, RuntimeError};
-use crate::util::write_atomic;
+use crate::util::write_volatile;
 
 /// Where the pod files are.
 #[derive(Debug, Clone)]
@@ -66,13 +66,13 @@ pub(crate) fn write(
     };
     let hosts =
         if host_network { host_file("/etc/hosts") } else { hosts_content(hostname).into_bytes() };
-    write_atomic(&files.hosts, &hosts)?;
+    write_volatile(&files.hosts, &hosts)?;
     let resolv = match resolv_content(dns) {
         Some(text) => text.into_bytes(),
         None => host_file("/etc/resolv.conf"),
     };
-    write_atomic(&files.resolv_conf, &resolv)?;
-    write_atomic(&files.hostname, format!("{hostname}\n").as_bytes())?;
+    write_volatile(&files.resolv_conf, &resolv)?;
+    write_volatile(&files.hostname, format!("{hostname}\n").as_bytes())?;
     // Containers running as any user must be able to read them.
     for p in [&files.hosts, &files.resolv_conf, &files.hostname] {
         use std::os::unix::fs::PermissionsExt;

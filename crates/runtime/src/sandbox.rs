@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use berth_net::{NamespaceKind, PinRequest};
 use berth_shim::Shim;
+use futures::stream::{self, StreamExt};
 use k8s_cri::v1::{
     LinuxPodSandboxStatus, Namespace, NamespaceMode, NamespaceOption, PodIp, PodSandbox,
-    PodSandboxConfig,
-    PodSandboxFilter, PodSandboxNetworkStatus, PodSandboxStatus as CriStatus,
+    PodSandboxConfig, PodSandboxFilter, PodSandboxNetworkStatus, PodSandboxStatus as CriStatus,
     PodSandboxStatusResponse, RunPodSandboxRequest,
 };
 
@@ -21,6 +21,9 @@ use crate::records::{ProcessRef, SandboxMeta, SandboxStatus};
 use crate::state::SandboxState;
 use crate::util::{new_id, now_ns, remove_dir_all};
 use crate::{Runtime, SandboxEntry, cgroups, pod_files, pod_init, shm};
+
+/// How many of a pod's containers are stopped or removed at once.
+const POD_PARALLELISM: usize = 8;
 
 /// The pod's namespace options (all POD when the kubelet sent none).
 pub(crate) fn namespace_options(config: &PodSandboxConfig) -> NamespaceOption {
@@ -144,7 +147,7 @@ impl<S: Shim + 'static> Runtime<S> {
         match self.build_sandbox(&id, name, handler, config, sysctls, ns, &mut partial).await {
             Ok(meta) => {
                 let status = SandboxStatus { state: SandboxState::Ready };
-                if let Err(e) = self.store.create_sandbox(&meta, &status) {
+                if let Err(e) = crate::blocking(|| self.store.create_sandbox(&meta, &status)) {
                     self.undo_network(&id, &partial).await;
                     partial.undo();
                     return Err(e);
@@ -274,15 +277,21 @@ impl<S: Shim + 'static> Runtime<S> {
     pub async fn stop_pod_sandbox(&self, id: &str) -> Result<()> {
         let entry =
             self.find_sandbox(id).ok_or_else(|| RuntimeError::SandboxNotFound(id.to_owned()))?;
-        let _op = entry.op.lock().await;
+        let _op = entry.op.write().await;
         self.stop_sandbox_locked(&entry).await
     }
 
     async fn stop_sandbox_locked(&self, entry: &SandboxEntry) -> Result<()> {
-        for c in self.containers_of(&entry.meta.id) {
+        let containers = self.containers_of(&entry.meta.id);
+        // Several at once: each waits mostly on the runtime binary and the kernel.
+        let results: Vec<Result<()>> = stream::iter(containers.into_iter().map(|c| async move {
             let _cop = c.op.lock().await;
-            self.stop_container_locked(&c, 0).await?;
-        }
+            self.stop_container_locked(&c, 0).await
+        }))
+        .buffer_unordered(POD_PARALLELISM)
+        .collect()
+        .await;
+        results.into_iter().collect::<Result<()>>()?;
         if let Some(init) = &entry.meta.pod_init {
             pod_init::kill(init);
         }
@@ -306,15 +315,20 @@ impl<S: Shim + 'static> Runtime<S> {
         let Some(entry) = self.find_sandbox(id) else {
             return Ok(());
         };
-        let _op = entry.op.lock().await;
+        let _op = entry.op.write().await;
         if self.sandbox(&entry.meta.id).is_none() {
             return Ok(()); // removed while we waited
         }
         self.stop_sandbox_locked(&entry).await?;
-        for c in self.containers_of(&entry.meta.id) {
+        let containers = self.containers_of(&entry.meta.id);
+        let results: Vec<Result<()>> = stream::iter(containers.into_iter().map(|c| async move {
             let _cop = c.op.lock().await;
-            self.remove_container_locked(&c).await?;
-        }
+            self.remove_container_locked(&c).await
+        }))
+        .buffer_unordered(POD_PARALLELISM)
+        .collect()
+        .await;
+        results.into_iter().collect::<Result<()>>()?;
         // The external shim's process for this pod exits now that its containers are gone.
         self.shim.release_pod(&entry.meta.id).await.map_err(RuntimeError::Shim)?;
         let meta = &entry.meta;
@@ -326,7 +340,7 @@ impl<S: Shim + 'static> Runtime<S> {
         if meta.owns_cgroup {
             cgroups::remove(&meta.cgroup_parent);
         }
-        self.store.delete_sandbox(&meta.id)?;
+        crate::blocking(|| self.store.delete_sandbox(&meta.id))?;
         self.forget_sandbox(&meta.id);
         self.names.release(&meta.name, &meta.id);
         self.refresh_gauges();

@@ -19,7 +19,8 @@ const CONTAINER_STATUS: Table = TableDefinition::new("runtime.container_status")
 /// A table of the runtime: id → JSON.
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 
-/// The runtime's tables.
+/// The runtime's tables (cheap to clone: blocking work takes a copy along).
+#[derive(Clone)]
 pub(crate) struct Store {
     db: Arc<Database>,
 }

@@ -46,6 +46,15 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(RuntimeError::io("rename", path))
 }
 
+/// Writes `data` to `path` through a temp file and a rename, without fsync: for files in
+/// the volatile state dir (tmpfs in production, gone at reboot), where a crashed process
+/// must leave the old or the new file but power loss does not matter.
+pub(crate) fn write_volatile(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).map_err(RuntimeError::io("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(RuntimeError::io("rename", path))
+}
+
 /// The start time of `pid` (field 22 of `/proc/<pid>/stat`, clock ticks since boot), or
 /// `None` if there is no such process. With the pid it names one process for good.
 pub(crate) fn process_start_time(pid: u32) -> Option<u64> {

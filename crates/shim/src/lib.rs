@@ -30,11 +30,11 @@ pub mod state_file;
 mod task;
 
 pub use any::AnyShim;
+pub use command::run_with_input;
 pub use embedded::{EmbeddedShim, validate_id};
 pub use error::ShimError;
 pub use exec::EXEC_OUTPUT_CAP;
 pub use external::{ExternalShim, RecoveredTask};
-pub use command::run_with_input;
 pub use reaper::{Captured, Reaper, become_subreaper, run_captured};
 
 /// How a container's process ended.
