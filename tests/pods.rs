@@ -356,3 +356,45 @@ async fn crun_handler_runs_containers() -> anyhow::Result<()> {
     env.remove_pod(&pod).await?;
     Ok(())
 }
+
+/// The kubelet gives up on a slow RunPodSandbox (its deadline passes) and retries: the retry
+/// gets the pod the first call went on to make, not "name is reserved" (CRI-O's resource
+/// store). Once the pod has been handed out, the same name again is AlreadyExists.
+#[tokio::test]
+async fn retry_after_deadline_gets_the_finished_pod() -> anyhow::Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let config = env.pod_config("slow");
+    let request =
+        || RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: "".into() };
+    let mut first = tonic::Request::new(request());
+    first.set_timeout(Duration::from_millis(1));
+    let e = env.rt.run_pod_sandbox(first).await.expect_err("deadline passes first");
+    assert!(matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled), "{e:?}");
+
+    // The create goes on without its caller; wait until it shows up.
+    let mut made = None;
+    for _ in 0..100 {
+        let pods = env.rt.list_pod_sandbox(ListPodSandboxRequest { filter: None }).await?;
+        if let Some(p) = pods.into_inner().items.into_iter().find(|p| {
+            p.metadata.as_ref().is_some_and(|m| {
+                m.name == config.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default()
+            })
+        }) {
+            made = Some(p.id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let made = made.expect("the abandoned create finished");
+
+    let retry = env.rt.run_pod_sandbox(request()).await?.into_inner().pod_sandbox_id;
+    assert_eq!(retry, made);
+    let again = env.rt.run_pod_sandbox(request()).await.expect_err("already handed out");
+    assert_eq!(again.code(), Code::AlreadyExists);
+    env.rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: made.clone() }).await?;
+    env.rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: made }).await?;
+    Ok(())
+}

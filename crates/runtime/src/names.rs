@@ -21,6 +21,10 @@ pub fn container_name(c: &ContainerMetadata, pod: &PodSandboxMetadata) -> String
 #[derive(Debug, Default)]
 pub(crate) struct Names {
     held: Mutex<HashMap<String, String>>,
+    /// Objects whose create finished after its caller had given up (the kubelet's deadline
+    /// passed): name -> id. The caller's retry is handed the finished object instead of
+    /// "name is reserved" (CRI-O's resource store); one retry claims it.
+    unclaimed: Mutex<HashMap<String, String>>,
 }
 
 impl Names {
@@ -47,12 +51,55 @@ impl Names {
         if held.get(name).is_some_and(|h| h == id) {
             held.remove(name);
         }
+        drop(held);
+        self.unclaimed_lock().remove(name);
+    }
+
+    fn unclaimed_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.unclaimed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records that the create of `id` under `name` finished; it stays unclaimed until the
+    /// caller that asked for it takes the answer ([`Names::delivered`]).
+    pub(crate) fn finished(&self, name: &str, id: &str) {
+        self.unclaimed_lock().insert(name.to_owned(), id.to_owned());
+    }
+
+    /// The caller of the create received its answer: nothing is left to hand out.
+    pub(crate) fn delivered(&self, name: &str, id: &str) {
+        let mut unclaimed = self.unclaimed_lock();
+        if unclaimed.get(name).is_some_and(|h| h == id) {
+            unclaimed.remove(name);
+        }
+    }
+
+    /// Hands a retry the object whose create finished after its caller gave up, if `holder`
+    /// (the current holder of `name`) is one.
+    pub(crate) fn claim(&self, name: &str, holder: &str) -> bool {
+        let mut unclaimed = self.unclaimed_lock();
+        if unclaimed.get(name).is_some_and(|h| h == holder) {
+            unclaimed.remove(name);
+            return true;
+        }
+        false
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_finished_create_nobody_received_is_claimed_once() {
+        let names = Names::default();
+        names.reserve("pod", "a").expect("free");
+        names.finished("pod", "a");
+        assert!(names.claim("pod", "a"));
+        assert!(!names.claim("pod", "a"));
+        names.finished("pod", "a");
+        names.delivered("pod", "a");
+        assert!(!names.claim("pod", "a"));
+    }
 
     #[test]
     fn reserve_and_release() {

@@ -112,21 +112,34 @@ impl<S: Shim + 'static> Runtime<S> {
         let name = sandbox_name(meta);
         let id = new_id()?;
         if let Err(holder) = self.names.reserve(&name, &id) {
+            // The kubelet's retry of a create that finished after its deadline gets the pod.
+            if self.names.claim(&name, &holder) {
+                return Ok(holder);
+            }
             return Err(RuntimeError::NameReserved { name, holder });
         }
-        // Finish the work even if the kubelet gives up on this call: its retry gets a
-        // clean AlreadyExists/list view instead of half-made state.
+        // Finish the work even if the kubelet gives up on this call (this future is then
+        // dropped); the finished pod waits, unclaimed, for the kubelet's retry.
         let this = self.clone();
         let task_name = name.clone();
         let task_id = id.clone();
         let result = tokio::spawn(async move {
-            this.create_sandbox(task_id, task_name, handler, config, sysctls, ns).await
+            let result = this
+                .create_sandbox(task_id.clone(), task_name.clone(), handler, config, sysctls, ns)
+                .await;
+            if result.is_ok() {
+                this.names.finished(&task_name, &task_id);
+            }
+            result
         })
         .await
         .map_err(|e| RuntimeError::TaskFailed(e.to_string()))
         .and_then(|r| r);
         match result {
-            Ok(()) => Ok(id),
+            Ok(()) => {
+                self.names.delivered(&name, &id);
+                Ok(id)
+            }
             Err(e) => {
                 self.names.release(&name, &id);
                 Err(e)
