@@ -337,10 +337,11 @@ impl NetworkManager {
             rec.gateways.clone(),
         )
         .await?;
+        // Pods without hostPorts have no rules of their own: skipping nft for them keeps
+        // two process spawns off every RunPodSandbox and StopPodSandbox.
         let rules = hostport_rules(rec);
-        let nat = self.nat();
-        if nat.available() || !rules.is_empty() {
-            nat.set_pod(&rec.pod_id, &rules).await?;
+        if !rules.is_empty() {
+            self.nat().set_pod(&rec.pod_id, &rules).await?;
         }
         Ok(())
     }
@@ -383,7 +384,13 @@ impl NetworkManager {
 
     /// Undoes [`Self::plumb`] (NAT rules, veth pair). Idempotent.
     async fn unplumb(&self, rec: &PodRecord) -> Result<(), NetworkError> {
-        let nat_result = self.nat().remove_pod(&rec.pod_id).await;
+        // Rules exist only for pods with hostPorts (see `plumb`); the port mappings are part
+        // of the immutable record, so this knows whether any were made.
+        let nat_result = if hostport_rules(rec).is_empty() {
+            Ok(())
+        } else {
+            self.nat().remove_pod(&rec.pod_id).await
+        };
         let handle = bridge::connect(&rec.pod_id)?;
         let existed = bridge::delete_link(&handle, &rec.host_veth).await?;
         // Deleting the host end takes the peer with it. If the host end was gone already
