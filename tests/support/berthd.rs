@@ -135,6 +135,8 @@ pub struct Berthd {
     metrics_port: u16,
     /// Removes the daemon's bridge and NAT table after it stopped (fields drop after `drop`).
     _net: Option<crate::netkit::NetGuard>,
+    /// The daemon's own cgroup parent: whatever is left in it goes when the daemon does.
+    cgroup_parent: String,
 }
 
 impl Berthd {
@@ -154,8 +156,11 @@ impl Berthd {
             options.extra_toml.push_str(&format!("\n{}", names.bridge_toml()));
             crate::netkit::NetGuard::new(names)
         });
+        // A cgroup parent of its own, so a failed test's containers can be found and killed.
+        let cgroup_parent =
+            options.cgroup_parent.get_or_insert_with(crate::cgroups::unique_parent).clone();
         std::fs::write(dir.path().join("berth.toml"), options.to_toml())?;
-        let mut d = Self { child: None, dir, bin, metrics_port: 0, _net: net };
+        let mut d = Self { child: None, dir, bin, metrics_port: 0, _net: net, cgroup_parent };
         let mut last = None;
         // A metrics port lost to a parallel test makes berthd exit at once: retry then.
         for _ in 0..3 {
@@ -331,6 +336,11 @@ impl Drop for Berthd {
         // Shims and other helpers berthd started carry our dir in their arguments.
         let marker = self.dir.path().to_string_lossy().into_owned();
         kill_processes_mentioning(&marker);
+        // Containers first: their processes may hold the mounts below.
+        let left = crate::cgroups::remove_parent(&self.cgroup_parent);
+        if !left.is_empty() {
+            eprintln!("berth-e2e: removed leftovers in {}: {left:?}", self.cgroup_parent);
+        }
         let left = unmount_all_under(self.dir.path());
         if !left.is_empty() {
             eprintln!("berth-e2e: unmounted leftovers of berthd: {left:?}");

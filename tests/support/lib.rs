@@ -5,6 +5,7 @@
 //! their processes on drop; [`Berthd`] also unmounts whatever its daemon left mounted.
 
 pub mod berthd;
+pub mod cgroups;
 pub mod cri;
 pub mod fixtures;
 pub mod http;
