@@ -33,15 +33,35 @@ fn stdin_pipe() -> Result<(OwnedFd, Sender), ShimError> {
 /// `timeout`, the command is killed (`SIGKILL`) when it expires and [`ShimError::Timeout`]
 /// is returned. Never waits for the child by PID, so it is safe next to the reaper.
 pub async fn run_with_input(
-    mut cmd: Command,
+    cmd: Command,
     stdin: Vec<u8>,
     timeout: Option<Duration>,
 ) -> Result<Captured, ShimError> {
+    run_piped(cmd, Some(stdin), timeout).await
+}
+
+/// The one way berthd runs a helper program: through the reaper, output captured, stdin
+/// fed from `stdin` (or `/dev/null` when `None`).
+pub(crate) async fn run_piped(
+    mut cmd: Command,
+    stdin: Option<Vec<u8>>,
+    timeout: Option<Duration>,
+) -> Result<Captured, ShimError> {
     let program = std::path::PathBuf::from(cmd.get_program());
-    let (in_rx, mut in_tx) = stdin_pipe()?;
+    let input = match stdin {
+        Some(data) => {
+            let (in_rx, in_tx) = stdin_pipe()?;
+            cmd.stdin(Stdio::from(in_rx));
+            Some((in_tx, data))
+        }
+        None => {
+            cmd.stdin(Stdio::null());
+            None
+        }
+    };
     let (out_rx, out_tx) = crate::pipe::pipe("create stdout pipe")?;
     let (err_rx, err_tx) = crate::pipe::pipe("create stderr pipe")?;
-    cmd.stdin(Stdio::from(in_rx)).stdout(Stdio::from(out_tx)).stderr(Stdio::from(err_tx));
+    cmd.stdout(Stdio::from(out_tx)).stderr(Stdio::from(err_tx));
     let reaper = Reaper::global()?;
     let before = Instant::now();
     let child =
@@ -54,15 +74,19 @@ pub async fn run_with_input(
     let exited = reaper.register(pid, before);
     let out = CappedReader::spawn(out_rx, CAPTURE_CAP);
     let err = CappedReader::spawn(err_rx, CAPTURE_CAP);
-    let writer = tokio::spawn(async move {
-        // A program that exits without reading all of its input gives EPIPE: that is its
-        // business, its exit code tells the caller what happened.
-        let _ = in_tx.write_all(&stdin).await;
-        // Dropping the sender closes the pipe: the program sees EOF.
+    let writer = input.map(|(mut in_tx, data)| {
+        tokio::spawn(async move {
+            // A program that exits without reading all of its input gives EPIPE: that is
+            // its business, its exit code tells the caller what happened.
+            let _ = in_tx.write_all(&data).await;
+            // Dropping the sender closes the pipe: the program sees EOF.
+        })
     });
     let reaped = wait_or_kill(reaper, pid, exited, timeout, &display).await;
     // The program is gone; a grandchild holding its stdin open must not keep the writer.
-    writer.abort();
+    if let Some(writer) = writer {
+        writer.abort();
+    }
     let reaped = reaped?;
     // The command's own children may hold the pipes open: don't wait for them forever.
     let grace = Duration::from_secs(1);

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::oneshot;
 
 use crate::ShimError;
-use crate::pipe::CappedReader;
 
 /// How long an exit nobody waits for is kept for a waiter that registers late.
 const UNCLAIMED_TTL: Duration = Duration::from_secs(300);
@@ -248,31 +247,8 @@ pub const CAPTURE_CAP: usize = 4 << 20;
 /// captured up to [`CAPTURE_CAP`] each). Other crates of berthd that run helper binaries
 /// should use this instead of `tokio::process`, whose waits race with the reaper. With a
 /// `timeout`, the command is killed (`SIGKILL`) when it expires.
-pub async fn run_captured(
-    mut cmd: Command,
-    timeout: Option<Duration>,
-) -> Result<Captured, ShimError> {
-    use std::process::Stdio;
-    let program = std::path::PathBuf::from(cmd.get_program());
-    let (out_rx, out_tx) = crate::pipe::pipe("create stdout pipe")?;
-    let (err_rx, err_tx) = crate::pipe::pipe("create stderr pipe")?;
-    cmd.stdin(Stdio::null()).stdout(Stdio::from(out_tx)).stderr(Stdio::from(err_tx));
-    let reaper = Reaper::global()?;
-    let before = Instant::now();
-    let child =
-        spawn(&mut cmd).map_err(|source| ShimError::Spawn { program: program.clone(), source })?;
-    let display = crate::runtime_cmd::display_command(&cmd);
-    // Our copies of the write ends must go, or the readers never see EOF.
-    drop(cmd);
-    let pid = child.id() as i32;
-    let exited = reaper.register(pid, before);
-    let out = CappedReader::spawn(out_rx, CAPTURE_CAP);
-    let err = CappedReader::spawn(err_rx, CAPTURE_CAP);
-    let reaped = wait_or_kill(reaper, pid, exited, timeout, &display).await?;
-    // The command's own children may hold the pipes open: don't wait for them forever.
-    let grace = Duration::from_secs(1);
-    let (stdout, stderr) = tokio::join!(out.finish(grace), err.finish(grace));
-    Ok(Captured { code: reaped.code, stdout: stdout.data, stderr: stderr.data })
+pub async fn run_captured(cmd: Command, timeout: Option<Duration>) -> Result<Captured, ShimError> {
+    crate::command::run_piped(cmd, None, timeout).await
 }
 
 /// Awaits a registered child's exit; after `timeout`, kills it with `SIGKILL` and reports
