@@ -60,6 +60,9 @@ mkdir -p "$OUT"
 rm -f "$OUT/berth.json" "$OUT/containerd.json"
 T=$(mktemp -d /tmp/berth-bench.XXXXXX)
 BRIDGE="bb$(printf '%s' "$T" | sha256sum | cut -c1-8)"
+# berthd's own bridge and nft table, unique to the run (not the host-wide berth0 defaults).
+BERTH_BRIDGE="bt$(printf '%s' "$T" | sha256sum | cut -c9-16)"
+BERTH_NAT="bench$(printf '%s' "$T" | sha256sum | cut -c17-22)"
 REGISTRY_PID="" CONTAINERD_PID="" BERTHD_PID=""
 # containerd's shims keep sockets under /run/containerd whatever the config says: if that
 # directory is ours to create, it is ours to remove.
@@ -101,6 +104,8 @@ cleanup() {
     umount "$m" 2>/dev/null || umount -l "$m"
   done
   ip link del "$BRIDGE" 2>/dev/null
+  ip link del "$BERTH_BRIDGE" 2>/dev/null
+  nft delete table inet "$BERTH_NAT" 2>/dev/null
   [ "$RUN_CONTAINERD_EXISTED" = 0 ] && [ -d /run/containerd ] && find /run/containerd -depth -type d -empty -delete
   cp "$T"/*.log "$OUT"/ 2>/dev/null
   rm -rf "$T"
@@ -205,8 +210,14 @@ EOF
 start_berthd() {
   log "berthd"
   mkdir -p "$T/berth-root" "$T/berth-state"
-  "$BERTHD" --root "$T/berth-root" --state "$T/berth-state" --listen "$T/berth.sock" \
-    --metrics-address "" >"$T/berthd.log" 2>&1 &
+  local n subnet=""
+  for n in $(seq 150 199); do  # containerd's CNI takes 200-250
+    ip route | grep -q "^10\.$n\." || { subnet=10.$n.0.0/16; break; }
+  done
+  printf '[network]\nbridge = "%s"\nsubnet = "%s"\nnat_table = "%s"\n' \
+    "$BERTH_BRIDGE" "$subnet" "$BERTH_NAT" >"$T/berth.toml"
+  "$BERTHD" --config "$T/berth.toml" --root "$T/berth-root" --state "$T/berth-state" \
+    --listen "$T/berth.sock" --metrics-address "" >"$T/berthd.log" 2>&1 &
   BERTHD_PID=$!
   wait_cri "unix://$T/berth.sock" "$BERTHD_PID" "$T/berthd.log"
 }
