@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use berth_e2e::netkit::{NetGuard, NetNames};
 use berth_e2e::process::free_port;
-use berth_e2e::{Berthd, Options, Registry, fixtures, image_spec};
+use berth_e2e::{Berthd, Options};
 use k8s_cri::v1::*;
 use podkit::{Env, eventually, skip, with_namespaces};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,20 +24,7 @@ const PAGE: &str = "hello-from-berth-pod";
 
 /// Starts a registry and berthd with `network_toml`, pulls busybox.
 async fn start_env(network_toml: String) -> Result<Env> {
-    let reg = Registry::start().await?;
-    let pushed = fixtures::push_busybox(&reg).await?;
-    let d = Berthd::start_with(Options { extra_toml: network_toml, ..Default::default() }).await?;
-    let image = pushed.reference();
-    let resp = d
-        .images()
-        .await?
-        .pull_image(PullImageRequest { image: Some(image_spec(&image)), ..Default::default() })
-        .await
-        .context("pull busybox")?
-        .into_inner();
-    let rt = d.runtime().await?;
-    let logs = tempfile::Builder::new().prefix("berth-logs").tempdir_in("/tmp")?;
-    Ok(Env { d, reg, rt, image, image_id: resp.image_ref, logs })
+    Env::start_with(Options { extra_toml: network_toml, ..Default::default() }).await
 }
 
 /// The pod's IPs from PodSandboxStatus (primary first).

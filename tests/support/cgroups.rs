@@ -12,7 +12,7 @@ pub fn unique_parent() -> String {
 }
 
 /// `<hierarchy>/<parent>` in every mounted hierarchy (v1) and the unified root (v2).
-fn dirs_of(parent: &str) -> Vec<PathBuf> {
+pub fn dirs_of(parent: &str) -> Vec<PathBuf> {
     let rel = parent.trim_start_matches('/');
     let root = Path::new("/sys/fs/cgroup");
     let mut out = vec![root.join(rel)];

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use berth_e2e::{Berthd, Registry, fixtures, image_spec};
+use berth_e2e::{Berthd, Options, Registry, fixtures, image_spec};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use tonic::transport::Channel;
@@ -32,9 +32,14 @@ pub struct Env {
 impl Env {
     /// Starts a registry and berthd, pushes and pulls busybox.
     pub async fn start() -> Result<Self> {
+        Self::start_with(Options::default()).await
+    }
+
+    /// [`Env::start`] with `options` for the daemon's config.
+    pub async fn start_with(options: Options) -> Result<Self> {
         let reg = Registry::start().await?;
         let pushed = fixtures::push_busybox(&reg).await?;
-        let d = Berthd::start().await?;
+        let d = Berthd::start_with(options).await?;
         let image = pushed.reference();
         let resp = d
             .images()

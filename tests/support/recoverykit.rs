@@ -5,10 +5,9 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result};
-use berth_e2e::{Berthd, Options, Registry, fixtures, image_spec};
+use berth_e2e::Options;
 use k8s_cri::v1::*;
 
 use crate::podkit::Env;
@@ -29,29 +28,15 @@ impl RecoveryEnv {
 
     /// [`RecoveryEnv::start`] with `[runtime] shim_binary`.
     pub async fn start_with_shim_binary(shim: &str, shim_binary: Option<PathBuf>) -> Result<Self> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let cgroup_parent =
-            format!("/berth-e2e-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        let reg = Registry::start().await?;
-        let pushed = fixtures::push_busybox(&reg).await?;
-        let d = Berthd::start_with(Options {
+        let cgroup_parent = berth_e2e::cgroups::unique_parent();
+        let env = Env::start_with(Options {
             shim: Some(shim.to_string()),
             cgroup_parent: Some(cgroup_parent.clone()),
             shim_binary,
             ..Default::default()
         })
         .await?;
-        let image = pushed.reference();
-        let resp = d
-            .images()
-            .await?
-            .pull_image(PullImageRequest { image: Some(image_spec(&image)), ..Default::default() })
-            .await
-            .context("pull busybox")?
-            .into_inner();
-        let rt = d.runtime().await?;
-        let logs = tempfile::Builder::new().prefix("berth-logs").tempdir_in("/tmp")?;
-        Ok(Self { env: Env { d, reg, rt, image, image_id: resp.image_ref, logs }, cgroup_parent })
+        Ok(Self { env, cgroup_parent })
     }
 
     /// `kill -9` berthd, then start it again (waits until recovery has finished).
@@ -153,13 +138,7 @@ pub fn shim_processes(dir: &Path) -> Vec<i32> {
 
 /// `<hierarchy>/<parent>` for every cgroup hierarchy that has it.
 pub fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
-    let rel = parent.trim_start_matches('/');
-    let mut out = vec![Path::new("/sys/fs/cgroup").join(rel)];
-    out.extend(entries(Path::new("/sys/fs/cgroup")).into_iter().map(|h| h.join(rel)));
-    out.retain(|d| d.is_dir());
-    out.sort();
-    out.dedup();
-    out
+    berth_e2e::cgroups::dirs_of(parent)
 }
 
 /// Removes the (empty) cgroup parent directories the test's daemon made.
