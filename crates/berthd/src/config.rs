@@ -274,6 +274,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_deploy_config_is_the_default() {
+        // deploy/berth.toml is `berthd config default`; this keeps the two from drifting.
+        let shipped: Config =
+            toml::from_str(include_str!("../../../deploy/berth.toml")).expect("parse");
+        assert_eq!(shipped, Config::default());
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         assert!(toml::from_str::<Config>("roots = \"/x\"").is_err());
     }
