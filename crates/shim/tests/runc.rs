@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_shim::{CreateTask, EmbeddedShim, Shim, ShimError, TaskEvent, TaskState};
+use common::{RUNC, available, process, write_bundle_in_cgroup};
 
-const RUNC: &str = "runc";
+mod common;
 
 struct Fixture {
     id: String,
@@ -66,78 +67,22 @@ impl Drop for Fixture {
     }
 }
 
-fn available() -> bool {
-    let ok = nix::unistd::geteuid().is_root()
-        && Path::new("/bin/busybox").exists()
-        && std::process::Command::new(RUNC)
-            .arg("--version")
-            .stdout(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("skipping: needs root, runc and /bin/busybox");
-    }
-    ok
-}
-
 /// A bundle running `args`; `memory_limit` gives the container its own memory cgroup.
 fn fixture(name: &str, args: &[&str], memory_limit: Option<i64>) -> Fixture {
     let id = format!("berth-shim-{name}-{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
     let shim = EmbeddedShim::new(dir.path().join("state")).unwrap();
-    let rootfs = dir.path().join("bundle/rootfs");
-    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
     std::fs::create_dir_all(dir.path().join("runc-root")).unwrap();
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "sleep", "cat", "tail", "printf", "true", "false", "head"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
-    let mut linux = serde_json::json!({
-        "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-    });
-    let mut cgroup = None;
-    if let Some(limit) = memory_limit {
-        // Absolute and one level deep, so runc's own cleanup removes all of it.
-        let cg_name = format!("berth-shim-test-{id}");
-        linux["cgroupsPath"] = format!("/{cg_name}").into();
-        linux["resources"] = serde_json::json!({"memory": {"limit": limit, "swap": limit}});
-        cgroup = Some(PathBuf::from("/sys/fs/cgroup/memory").join(cg_name));
-    }
-    let config = serde_json::json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": false,
-            "user": {"uid": 0, "gid": 0},
-            "args": args,
-            "env": ["PATH=/bin"],
-            "cwd": "/",
-        },
-        "root": {"path": "rootfs"},
-        "hostname": "shim-test",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "mode=755"]},
-        ],
-        "linux": linux,
-    });
-    std::fs::write(
-        dir.path().join("bundle/config.json"),
-        serde_json::to_vec_pretty(&config).unwrap(),
-    )
-    .unwrap();
+    // Absolute and one level deep, so runc's own cleanup removes all of it.
+    let cg_name = format!("berth-shim-test-{id}");
+    let cgroups_path = format!("/{cg_name}");
+    let cgroup = memory_limit.map(|_| PathBuf::from("/sys/fs/cgroup/memory").join(&cg_name));
+    write_bundle_in_cgroup(
+        &dir.path().join("bundle"),
+        args,
+        memory_limit.map(|limit| (cgroups_path.as_str(), limit)),
+    );
     Fixture { id, dir, cgroup, shim }
-}
-
-fn process(args: &[&str]) -> oci_spec::runtime::Process {
-    serde_json::from_value(serde_json::json!({
-        "terminal": false,
-        "user": {"uid": 0, "gid": 0},
-        "args": args,
-        "env": ["PATH=/bin"],
-        "cwd": "/",
-    }))
-    .unwrap()
 }
 
 /// (stream, tag, content) of every CRI log line, checking the timestamp format.

@@ -24,12 +24,26 @@ pub fn available() -> bool {
 
 /// Writes `<bundle>/config.json` and a busybox rootfs (with `/tmp`) running `args`.
 pub fn write_bundle(bundle: &Path, args: &[&str]) {
+    write_bundle_in_cgroup(bundle, args, None);
+}
+
+/// [`write_bundle`], with `cgroup` = `(cgroupsPath, memory limit)` giving the container a
+/// memory cgroup of its own.
+pub fn write_bundle_in_cgroup(bundle: &Path, args: &[&str], cgroup: Option<(&str, i64)>) {
     let rootfs = bundle.join("rootfs");
     std::fs::create_dir_all(rootfs.join("bin")).unwrap();
     std::fs::create_dir_all(rootfs.join("tmp")).unwrap();
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "sleep", "cat", "touch", "true", "false", "test", "["] {
+    let applets = ["sh", "echo", "sleep", "cat", "touch", "true", "false", "test", "[", "tail"];
+    for applet in applets.into_iter().chain(["printf", "head"]) {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let mut linux = serde_json::json!({
+        "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+    });
+    if let Some((path, limit)) = cgroup {
+        linux["cgroupsPath"] = path.into();
+        linux["resources"] = serde_json::json!({"memory": {"limit": limit, "swap": limit}});
     }
     let config = serde_json::json!({
         "ociVersion": "1.0.2",
@@ -47,9 +61,7 @@ pub fn write_bundle(bundle: &Path, args: &[&str]) {
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "mode=755"]},
         ],
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-        },
+        "linux": linux,
     });
     std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap())
         .unwrap();
