@@ -1,6 +1,7 @@
 //! Wiring: stores, CRI services, metrics endpoint, signals, shutdown.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use berth_cri::instrument::{InstrumentLayer, Readiness};
@@ -178,6 +179,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let _ = stop_tx.send(true);
         });
     let result = server.await.context("CRI server failed");
+    // Pod links still being deleted in the background: let them finish, so the addresses
+    // are released now rather than by the next start's repair.
+    if let Some(network) = runtime.network()
+        && tokio::time::timeout(Duration::from_secs(10), network.settle()).await.is_err()
+    {
+        tracing::warn!("background network teardowns still running at shutdown");
+    }
 
     if let Err(e) = std::fs::remove_file(&config.listen) {
         tracing::warn!(error = %e, "cannot remove the CRI socket");

@@ -146,14 +146,15 @@ impl<S: Shim + 'static> Runtime<S> {
         Ok(())
     }
 
-    /// Tears down the network of a pod (idempotent). Host-network pods have none.
+    /// Tears down the network of a pod (idempotent). Host-network pods have none. Bridge
+    /// links are deleted, and their addresses released, in the background.
     pub(crate) async fn teardown_pod_network(&self, id: &str, netns: Option<&Path>) -> Result<()> {
         let (Some(manager), Some(netns)) = (self.network(), netns) else {
             return Ok(());
         };
         // The pin may be gone (reboot, or an earlier remove got past unpinning).
         let netns = Some(netns).filter(|p| p.exists());
-        manager.teardown(id, netns).await.map_err(|source| RuntimeError::Network {
+        manager.teardown_deferred(id, netns).await.map_err(|source| RuntimeError::Network {
             pod_id: id.to_owned(),
             action: "tear down",
             source: Box::new(source),

@@ -364,11 +364,16 @@ impl<S: Shim + 'static> Runtime<S> {
     /// The CRI status of a sandbox.
     pub(crate) fn cri_sandbox_status(&self, entry: &SandboxEntry) -> CriStatus {
         let meta = &entry.meta;
-        let (ip, additional) = self.pod_ips(meta);
+        let state = entry.status().state;
+        // A stopped pod's address is on its way back to the pool (see teardown_pod_network).
+        let (ip, additional) = match state {
+            SandboxState::Ready => self.pod_ips(meta),
+            SandboxState::NotReady => (String::new(), Vec::new()),
+        };
         CriStatus {
             id: meta.id.clone(),
             metadata: meta.config.metadata.clone(),
-            state: entry.status().state.to_cri() as i32,
+            state: state.to_cri() as i32,
             created_at: meta.created_at,
             network: Some(PodSandboxNetworkStatus {
                 ip,

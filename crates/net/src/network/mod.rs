@@ -1,8 +1,9 @@
 //! Pod networking: the built-in bridge (netlink + our own IPAM and NAT) or CNI plugins.
 //!
 //! [`NetworkManager`] is the one door: the runtime calls [`NetworkManager::setup`] from
-//! RunPodSandbox (after the pod's netns is pinned), [`NetworkManager::teardown`] from
-//! StopPodSandbox/RemovePodSandbox, [`NetworkManager::readiness`] from Status and
+//! RunPodSandbox (after the pod's netns is pinned), [`NetworkManager::teardown_deferred`]
+//! from StopPodSandbox/RemovePodSandbox, [`NetworkManager::teardown`] from startup repair,
+//! [`NetworkManager::readiness`] from Status and
 //! [`NetworkManager::update_pod_cidr`] from UpdateRuntimeConfig.
 //!
 //! Both modes keep what they need for teardown on disk (bridge: the IPAM record in redb;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod ipam;
 pub mod nat;
+mod releasing;
 pub mod veth;
 pub mod watch;
 
@@ -37,6 +39,7 @@ pub use error::NetworkError;
 use cni::{CniCache, CniCacheDir, CniExec};
 use ipam::{Ipam, PodRecord};
 use nat::{Backend, HostPortRule, Nat};
+use releasing::Releasing;
 
 /// Serialises setup/teardown per pod (different pods run in parallel).
 #[derive(Default)]
@@ -79,6 +82,8 @@ pub struct NetworkManager {
     nat: OnceLock<Nat>,
     host: tokio::sync::Mutex<HostState>,
     locks: PodLocks,
+    /// Pods whose bridge links are being deleted in the background.
+    releasing: Releasing,
     watcher: watch::ConfWatcher,
     cni_cache: CniCacheDir,
 }
@@ -124,6 +129,7 @@ impl NetworkManager {
             nat: OnceLock::new(),
             host: tokio::sync::Mutex::new(HostState::default()),
             locks: PodLocks::default(),
+            releasing: Releasing::default(),
         })
     }
 
@@ -171,6 +177,44 @@ impl NetworkManager {
         // Both, whatever the current mode: the mode may have changed since setup.
         self.teardown_bridge(pod_id, netns).await?;
         self.teardown_cni(pod_id, netns).await
+    }
+
+    /// Like [`Self::teardown`], but returns as soon as the pod is cut off: its hostPort
+    /// rules are gone and CNI DEL has run. Deleting a bridge-mode veth costs the kernel
+    /// ~20 ms of RCU grace periods, so that, and releasing the address afterwards, finish
+    /// in the background; the address is not handed out again before the link is gone.
+    /// A teardown already under way makes this return at once. A background failure is
+    /// logged and leaves the record, so the next teardown (or startup repair) retries.
+    pub async fn teardown_deferred(
+        self: &Arc<Self>,
+        pod_id: &str,
+        netns: Option<&Path>,
+    ) -> Result<(), NetworkError> {
+        config::check_pod_id(pod_id)?;
+        if self.releasing.contains(pod_id) {
+            return Ok(());
+        }
+        let guard = self.locks.lock(pod_id).await;
+        self.teardown_cni(pod_id, netns).await?;
+        let Some(rec) = self.bridge_record(pod_id, netns)? else {
+            return Ok(());
+        };
+        self.remove_hostport_rules(&rec).await?;
+        let ticket = self.releasing.start(pod_id);
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let _ticket = ticket;
+            if let Err(e) = this.finish_bridge_teardown(&rec).await {
+                tracing::warn!(pod_id = %rec.pod_id, error = %e, "background network teardown failed; the next teardown retries");
+            }
+        });
+        Ok(())
+    }
+
+    /// Waits until no background teardown is under way (berthd's shutdown).
+    pub async fn settle(&self) {
+        self.releasing.settled().await;
     }
 
     /// The network status of a pod that was set up, from the IPAM record or CNI cache.
@@ -292,7 +336,14 @@ impl NetworkManager {
             complete: false,
         };
         let subnets = self.current_subnets();
-        let mut rec = self.ipam.allocate(template, &subnets)?;
+        let mut rec = match self.ipam.allocate(template.clone(), &subnets) {
+            // Addresses of pods stopped a moment ago come free once their links are gone.
+            Err(NetworkError::Exhausted { .. }) if !self.releasing.is_empty() => {
+                self.releasing.settled().await;
+                self.ipam.allocate(template, &subnets)?
+            }
+            other => other?,
+        };
         // An interrupted earlier attempt may have left a record with other mappings.
         rec.port_mappings = pod.port_mappings.clone();
         rec.netns = pod.netns.clone();
@@ -384,13 +435,23 @@ impl NetworkManager {
 
     /// Undoes [`Self::plumb`] (NAT rules, veth pair). Idempotent.
     async fn unplumb(&self, rec: &PodRecord) -> Result<(), NetworkError> {
+        let nat_result = self.remove_hostport_rules(rec).await;
+        self.delete_links(rec).await?;
+        nat_result
+    }
+
+    /// Removes the pod's hostPort DNAT rules, if it has any.
+    async fn remove_hostport_rules(&self, rec: &PodRecord) -> Result<(), NetworkError> {
         // Rules exist only for pods with hostPorts (see `plumb`); the port mappings are part
         // of the immutable record, so this knows whether any were made.
-        let nat_result = if hostport_rules(rec).is_empty() {
-            Ok(())
-        } else {
-            self.nat().remove_pod(&rec.pod_id).await
-        };
+        if hostport_rules(rec).is_empty() {
+            return Ok(());
+        }
+        self.nat().remove_pod(&rec.pod_id).await
+    }
+
+    /// Deletes the pod's veth pair.
+    async fn delete_links(&self, rec: &PodRecord) -> Result<(), NetworkError> {
         let handle = bridge::connect(&rec.pod_id)?;
         let existed = bridge::delete_link(&handle, &rec.host_veth).await?;
         // Deleting the host end takes the peer with it. If the host end was gone already
@@ -398,7 +459,30 @@ impl NetworkManager {
         if !existed && let Err(e) = veth::delete_pod_side(&rec.pod_id, rec.netns.clone()).await {
             tracing::debug!(pod_id = %rec.pod_id, error = %e, "deleting eth0 in pod netns");
         }
-        nat_result
+        Ok(())
+    }
+
+    /// The pod's bridge IPAM record, with `netns` as its netns when given.
+    fn bridge_record(
+        &self,
+        pod_id: &str,
+        netns: Option<&Path>,
+    ) -> Result<Option<PodRecord>, NetworkError> {
+        let Some(mut rec) = self.ipam.get(pod_id)? else {
+            return Ok(None);
+        };
+        if let Some(ns) = netns {
+            rec.netns = ns.to_path_buf();
+        }
+        Ok(Some(rec))
+    }
+
+    /// Links, then the address: only once the link is gone may the address go to another pod.
+    async fn finish_bridge_teardown(&self, rec: &PodRecord) -> Result<(), NetworkError> {
+        self.delete_links(rec).await?;
+        self.ipam.release(&rec.pod_id)?;
+        tracing::info!(pod_id = %rec.pod_id, "pod network torn down");
+        Ok(())
     }
 
     async fn teardown_bridge(
@@ -406,12 +490,10 @@ impl NetworkManager {
         pod_id: &str,
         netns: Option<&Path>,
     ) -> Result<(), NetworkError> {
-        let Some(mut rec) = self.ipam.get(pod_id)? else {
+        let Some(rec) = self.bridge_record(pod_id, netns)? else {
             return Ok(());
         };
-        if let Some(ns) = netns {
-            rec.netns = ns.to_path_buf();
-        }
+        // A NAT failure keeps the address: its DNAT rules may still point there.
         self.unplumb(&rec).await?;
         self.ipam.release(pod_id)?;
         tracing::info!(pod_id, "pod network torn down");
