@@ -25,6 +25,7 @@ pub fn init_tracing(filter: &str) -> anyhow::Result<()> {
 
 /// Process-wide setup that must happen before the async runtime starts threads.
 pub fn prepare_process() -> anyhow::Result<()> {
+    crate::memory::limit_arenas();
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only sets a flag on this process.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     if rc != 0 {
@@ -154,6 +155,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
+    let scavenger = tokio::spawn(crate::memory::scavenge());
     let listener = crate::socket::bind(&config.listen).await?;
     tracing::info!(socket = %config.listen.display(), root = %config.root.display(), "berthd serving the CRI");
     // Recovery (reattaching to the shims, settling exits missed while we were down, startup
@@ -187,6 +189,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!("background network teardowns still running at shutdown");
     }
 
+    scavenger.abort();
     if let Err(e) = std::fs::remove_file(&config.listen) {
         tracing::warn!(error = %e, "cannot remove the CRI socket");
     }

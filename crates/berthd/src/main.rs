@@ -4,6 +4,7 @@
 mod config;
 mod daemon;
 mod lock;
+mod memory;
 mod socket;
 
 use std::path::PathBuf;
