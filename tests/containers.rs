@@ -179,6 +179,40 @@ async fn exit_codes_and_reasons() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn exited_tasks_are_deleted_before_removal() -> anyhow::Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let pod_config = env.pod_config("deleted");
+    let pod = env.run_pod(pod_config.clone()).await?;
+    let done = env.run(&pod, &pod_config, env.container_config("done", &["/bin/true"])).await?;
+    // Created, never started: stopped and removed all the same.
+    let idle = env.create(&pod, &pod_config, env.container_config("idle", &["/bin/true"])).await?;
+    env.rt.stop_container(StopContainerRequest { container_id: idle.clone(), timeout: 0 }).await?;
+    let runc_root = env.state().join("runtime/runc");
+    for id in [&done, &idle] {
+        let s = env.wait_exited(id, Duration::from_secs(20)).await?;
+        assert!(s.finished_at > 0, "{s:?}");
+        // As containerd: the runtime's container goes when the exit is recorded, not at
+        // RemoveContainer.
+        let state = runc_root.join(id.as_str());
+        assert!(
+            podkit::eventually(Duration::from_secs(20), || !state.exists()).await,
+            "{} still there",
+            state.display()
+        );
+        // The record stays, with its exit.
+        assert_eq!(env.status(id).await?.exit_code, s.exit_code);
+        let e = env.exec(id, &["/bin/true"], 5).await.expect_err("exec in an exited container");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        env.rt.remove_container(RemoveContainerRequest { container_id: id.clone() }).await?;
+    }
+    env.remove_pod(&pod).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn oom_kill_is_reported() -> anyhow::Result<()> {
     if skip() {
         return Ok(());

@@ -2,22 +2,26 @@
 //! crictl talk to. This crate only translates: it validates requests, maps CRI messages to the
 //! domain crates (`berth-image`, `berth-runtime`) and maps their errors to gRPC status codes.
 //! Cross-cutting work (tracing spans, metrics, the readiness gate) happens once, in
-//! [`instrument::InstrumentLayer`], not in each handler.
+//! [`instrument::InstrumentLayer`], not in each handler. The two list calls send the bytes the
+//! runtime keeps encoded per entry ([`RuntimeServer`]).
 
 mod container;
+mod encoded_body;
+mod encoded_codec;
 mod error;
 mod image_service;
 pub mod instrument;
 mod pod_sandbox;
+mod runtime_server;
 mod runtime_service;
 
 use std::sync::Arc;
 
 use berth_image::ImageStore;
 use k8s_cri::v1::image_service_server::ImageServiceServer;
-use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 
 pub use image_service::ImageApi;
+pub use runtime_server::RuntimeServer;
 pub use runtime_service::RuntimeApi;
 
 /// The name berth reports in `Version`.
@@ -35,11 +39,9 @@ pub struct Backends {
 }
 
 /// Both CRI gRPC services, ready to add to a tonic server.
-pub fn services(
-    backends: Backends,
-) -> (RuntimeServiceServer<RuntimeApi>, ImageServiceServer<ImageApi>) {
+pub fn services(backends: Backends) -> (RuntimeServer, ImageServiceServer<ImageApi>) {
     (
-        RuntimeServiceServer::new(RuntimeApi::new(backends.clone())),
+        RuntimeServer::new(RuntimeApi::new(backends.clone())),
         ImageServiceServer::new(ImageApi::new(backends)),
     )
 }

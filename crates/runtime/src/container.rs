@@ -11,9 +11,10 @@ use berth_shim::{CreateTask, Exit, Shim, ShimError};
 use k8s_cri::v1::{
     Container, ContainerConfig, ContainerEventType, ContainerFilter, ContainerResources,
     ContainerStatus as CriStatus, ContainerStatusResponse, CreateContainerRequest, ImageSpec,
-    NamespaceMode,
+    ListContainersResponse, NamespaceMode,
 };
 
+use crate::encoded::{Encoded, Prefab};
 use crate::error::{Result, RuntimeError};
 use crate::filters::{id_matches, labels_match};
 use crate::names::container_name;
@@ -48,6 +49,51 @@ struct Partial {
     bundle: Option<PathBuf>,
     rootfs: bool,
     task: bool,
+}
+
+/// Deletes `entry`'s task once: the shim's delete (which runs `<runtime> delete`), then, for
+/// a task left by a previous berthd that the shim does not know, `<runtime> delete` here.
+/// Concurrent callers share one delete (the first runs it, the others wait for it); after a
+/// success it is never run again; after a failure the next caller retries.
+pub(crate) async fn delete_task<S: Shim>(shim: &S, entry: &ContainerEntry) -> Result<()> {
+    entry
+        .task_deleted
+        .get_or_try_init(|| async {
+            match shim.delete(&entry.meta.id).await {
+                Ok(()) | Err(ShimError::NotFound { .. }) => {}
+                Err(e) => return Err(RuntimeError::Shim(e)),
+            }
+            runtime_delete_orphan(entry).await;
+            Ok(())
+        })
+        .await
+        .map(|_| ())
+}
+
+/// `<runtime> delete --force <id>` if the runtime still has state for the container (a task
+/// left by a previous berthd), ignoring "does not exist".
+async fn runtime_delete_orphan(entry: &ContainerEntry) {
+    let state_dir = entry.meta.runtime_root.join(&entry.meta.id);
+    if !state_dir.exists() {
+        return;
+    }
+    let mut cmd = std::process::Command::new(&entry.meta.runtime);
+    cmd.arg("--root")
+        .arg(&entry.meta.runtime_root)
+        .arg("delete")
+        .arg("--force")
+        .arg(&entry.meta.id);
+    match berth_shim::run_captured(cmd, Some(Duration::from_secs(30))).await {
+        Ok(out) if out.code != 0 => tracing::debug!(
+            container_id = %entry.meta.id,
+            stderr = %String::from_utf8_lossy(&out.stderr),
+            "runtime delete of leftover task failed"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(container_id = %entry.meta.id, error = %e, "cannot run runtime delete")
+        }
+    }
 }
 
 impl<S: Shim + 'static> Runtime<S> {
@@ -355,6 +401,9 @@ impl<S: Shim + 'static> Runtime<S> {
                 true
             })?;
             self.refresh_gauges();
+            // Nothing will run in it any more: free the runtime's state (and a runtime
+            // init still waiting to start) now.
+            self.spawn_task_delete(entry.clone());
             return Err(RuntimeError::Shim(e));
         }
         let started = now_ns();
@@ -396,44 +445,51 @@ impl<S: Shim + 'static> Runtime<S> {
         if timeout > 0 {
             match self.shim.kill(id, entry.meta.stop_signal, false).await {
                 Ok(()) => {
-                    if let Some(exit) =
-                        self.wait_exit(id, Duration::from_secs(timeout as u64)).await?
-                    {
-                        self.record_exit(id, exit);
+                    if self.wait_recorded(entry, Duration::from_secs(timeout as u64)).await? {
                         return Ok(());
                     }
                     tracing::info!(container_id = %id, timeout, "container ignored its stop signal; killing it");
                 }
-                Err(ShimError::NotFound { .. }) => {
-                    return self.stop_unmanaged(entry, &status).await;
-                }
+                Err(ShimError::NotFound { .. }) => return self.stop_unknown(entry, &status).await,
                 Err(ShimError::NotRunning { .. }) => {}
                 Err(e) => return Err(RuntimeError::Shim(e)),
             }
         }
         match self.shim.kill(id, libc::SIGKILL, true).await {
             Ok(()) | Err(ShimError::NotRunning { .. }) => {}
-            Err(ShimError::NotFound { .. }) => return self.stop_unmanaged(entry, &status).await,
+            Err(ShimError::NotFound { .. }) => return self.stop_unknown(entry, &status).await,
             Err(e) => return Err(RuntimeError::Shim(e)),
         }
-        match self.wait_exit(id, KILL_WAIT).await? {
-            Some(exit) => {
-                self.record_exit(id, exit);
-                Ok(())
+        if self.wait_recorded(entry, KILL_WAIT).await? {
+            return Ok(());
+        }
+        Err(RuntimeError::Shim(ShimError::Timeout {
+            command: format!("kill -9 container {id}"),
+            after: KILL_WAIT,
+        }))
+    }
+
+    /// Waits up to `timeout` for the container's exit and records it. True once the exit is
+    /// recorded, here or by the event loop (whose background delete may already have made
+    /// the shim forget the task).
+    async fn wait_recorded(&self, entry: &ContainerEntry, timeout: Duration) -> Result<bool> {
+        match self.shim.wait(&entry.meta.id, timeout).await {
+            Ok(Some(exit)) => {
+                self.record_exit(&entry.meta.id, exit);
+                Ok(true)
             }
-            None => Err(RuntimeError::Shim(ShimError::Timeout {
-                command: format!("kill -9 container {id}"),
-                after: KILL_WAIT,
-            })),
+            Ok(None) | Err(ShimError::NotFound { .. }) => Ok(!entry.status().state.can_stop()),
+            Err(e) => Err(RuntimeError::Shim(e)),
         }
     }
 
-    async fn wait_exit(&self, id: &str, timeout: Duration) -> Result<Option<Exit>> {
-        match self.shim.wait(id, timeout).await {
-            Ok(exit) => Ok(exit),
-            Err(ShimError::NotFound { .. }) => Ok(None),
-            Err(e) => Err(RuntimeError::Shim(e)),
+    /// The shim does not know the task: either its exit was recorded and its task deleted
+    /// meanwhile (nothing to do), or it was left by a previous berthd (stop it by pid).
+    async fn stop_unknown(&self, entry: &ContainerEntry, status: &ContainerStatus) -> Result<()> {
+        if !entry.status().state.can_stop() {
+            return Ok(());
         }
+        self.stop_unmanaged(entry, status).await
     }
 
     /// Stops a container the shim does not know (its berthd was restarted): SIGKILL by pid,
@@ -473,28 +529,48 @@ impl<S: Shim + 'static> Runtime<S> {
         let t0 = std::time::Instant::now();
         self.stop_container_locked(entry, 0).await?;
         let id = &entry.meta.id;
-        match self.shim.delete(id).await {
-            Ok(()) | Err(ShimError::NotFound { .. }) => {}
-            Err(e) => return Err(RuntimeError::Shim(e)),
-        }
-        // A task left by a previous berthd is unknown to the shim: make sure the runtime
-        // forgets it too.
-        self.runtime_delete_orphan(entry).await;
-        let t_task = t0.elapsed();
-        // Unmount, rm -rf and the commit block: on the blocking pool, so pod removal can
-        // run several containers' at once and other calls are not stalled meanwhile.
-        let (snapshots, store) = (self.snapshots.clone(), self.store.clone());
-        let (task_id, bundle) = (id.clone(), entry.meta.bundle.clone());
-        tokio::task::spawn_blocking(move || {
-            snapshots
-                .remove_rootfs(&task_id, &bundle.join("rootfs"))
-                .map_err(RuntimeError::Snapshot)?;
-            remove_dir_all(&bundle)?;
-            store.delete_container(&task_id)
-        })
-        .await
-        .map_err(|e| RuntimeError::TaskFailed(e.to_string()))??;
+        // The task delete normally runs in the background since the exit (or is under way:
+        // then we wait). The unmount (an overlay unmount syncs the upper filesystem) and
+        // rm -rf go on the blocking pool, so pod removal can run several containers' at once.
+        let files = async {
+            let (snapshots, task_id, bundle) =
+                (self.snapshots.clone(), id.clone(), entry.meta.bundle.clone());
+            tokio::task::spawn_blocking(move || {
+                snapshots
+                    .remove_rootfs(&task_id, &bundle.join("rootfs"))
+                    .map_err(RuntimeError::Snapshot)?;
+                remove_dir_all(&bundle)
+            })
+            .await
+            .map_err(|e| RuntimeError::TaskFailed(e.to_string()))?
+        };
+        let (task, files) = if self.nothing_left_running(entry) {
+            // Nothing uses the rootfs any more: it can go while the runtime deletes.
+            tokio::join!(
+                async {
+                    let r = delete_task(self.shim.as_ref(), entry).await;
+                    (r, t0.elapsed())
+                },
+                files
+            )
+        } else {
+            // Processes of the container may outlive its init (shared PID namespace) until
+            // the runtime's delete kills them: they may still use the rootfs.
+            let r = delete_task(self.shim.as_ref(), entry).await;
+            let t_task = t0.elapsed();
+            r?;
+            ((Ok(()), t_task), files.await)
+        };
+        let (task, t_task) = task;
+        task?;
+        files?;
         let t_files = t0.elapsed();
+        // Last, so that a crash or a failure above leaves the record for a retry (which
+        // finds what is already gone gone, and is fine with it).
+        let (store, task_id) = (self.store.clone(), id.clone());
+        tokio::task::spawn_blocking(move || store.delete_container(&task_id))
+            .await
+            .map_err(|e| RuntimeError::TaskFailed(e.to_string()))??;
         self.forget_container(id);
         self.names.release(&entry.meta.name, id);
         self.refresh_gauges();
@@ -504,29 +580,28 @@ impl<S: Shim + 'static> Runtime<S> {
         Ok(())
     }
 
-    /// `<runtime> delete --force <id>`, ignoring "does not exist".
-    async fn runtime_delete_orphan(&self, entry: &ContainerEntry) {
-        let state_dir = entry.meta.runtime_root.join(&entry.meta.id);
-        if !state_dir.exists() {
-            return;
-        }
-        let mut cmd = std::process::Command::new(&entry.meta.runtime);
-        cmd.arg("--root")
-            .arg(&entry.meta.runtime_root)
-            .arg("delete")
-            .arg("--force")
-            .arg(&entry.meta.id);
-        match berth_shim::run_captured(cmd, Some(Duration::from_secs(30))).await {
-            Ok(out) if out.code != 0 => tracing::debug!(
-                container_id = %entry.meta.id,
-                stderr = %String::from_utf8_lossy(&out.stderr),
-                "runtime delete of leftover task failed"
-            ),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(container_id = %entry.meta.id, error = %e, "cannot run runtime delete")
-            }
-        }
+    /// Whether none of the container's processes can be left once its exit is recorded:
+    /// it had a PID namespace of its own (the kernel kills and reaps the rest of a
+    /// namespace before its init can be reaped), and its init is gone. Mirrors the PID
+    /// namespace choice of `pod_context`.
+    fn nothing_left_running(&self, entry: &ContainerEntry) -> bool {
+        let Some(sandbox) = self.sandbox(&entry.meta.sandbox_id) else { return false };
+        let pod_pid = sandbox.meta.pid_mode;
+        let ctr_pid = entry
+            .meta
+            .config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+            .map_or(NamespaceMode::Pod as i32, |n| n.pid);
+        let own_namespace = pod_pid != NamespaceMode::Node as i32
+            && pod_pid != NamespaceMode::Pod as i32
+            && ctr_pid != NamespaceMode::Target as i32;
+        let status = entry.status();
+        own_namespace
+            && status.state == ContainerState::Exited
+            && !status.process.is_some_and(|p| process_alive(p.pid, p.start_time))
     }
 
     fn image_spec(&self, entry: &ContainerEntry) -> ImageSpec {
@@ -598,34 +673,81 @@ impl<S: Shim + 'static> Runtime<S> {
         Ok(ContainerStatusResponse { status: Some(status), info })
     }
 
-    /// ListContainers.
+    /// ListContainers, as structs (the gRPC service sends [`Runtime::list_containers_encoded`]).
     pub fn list_containers(&self, filter: Option<&ContainerFilter>) -> Vec<Container> {
-        self.all_containers()
-            .into_iter()
-            .filter_map(|e| {
-                let state = e.state().to_cri() as i32;
-                if let Some(f) = filter
-                    && (!id_matches(&f.id, &e.meta.id)
-                        || !id_matches(&f.pod_sandbox_id, &e.meta.sandbox_id)
-                        || f.state.as_ref().is_some_and(|s| s.state != state)
-                        || !labels_match(&f.label_selector, &e.meta.config.labels))
-                {
-                    return None;
-                }
-                Some(Container {
-                    id: e.meta.id.clone(),
-                    pod_sandbox_id: e.meta.sandbox_id.clone(),
-                    metadata: e.meta.config.metadata.clone(),
-                    image: Some(self.image_spec(&e)),
-                    image_ref: e.meta.image_id.clone(),
-                    state,
-                    created_at: e.meta.created_at,
-                    labels: e.meta.config.labels.clone(),
-                    annotations: e.meta.config.annotations.clone(),
-                    image_id: e.meta.image_id.clone(),
-                })
-            })
+        self.listed_containers(filter)
+            .map(|(e, state)| Container { state, ..self.cri_container(&e) })
             .collect()
+    }
+
+    /// ListContainers, encoded: each container's entry is encoded once and reused, so a
+    /// call costs a copy of its bytes (see `encoded`).
+    pub fn list_containers_encoded(
+        &self,
+        filter: Option<&ContainerFilter>,
+    ) -> Encoded<ListContainersResponse> {
+        let entries: Vec<_> = self.listed_containers(filter).collect();
+        let prefabs: Vec<_> = entries
+            .iter()
+            .map(|(e, state)| (e.listed.get_or_init(|| self.container_prefab(e)), *state))
+            .collect();
+        Encoded::from_entries(&prefabs)
+    }
+
+    /// A container's list entry without its state, encoded.
+    fn container_prefab(&self, e: &ContainerEntry) -> Prefab {
+        let c = self.cri_container(e);
+        let head = Container {
+            id: c.id,
+            pod_sandbox_id: c.pod_sandbox_id,
+            metadata: c.metadata,
+            image: c.image,
+            image_ref: c.image_ref,
+            ..Default::default()
+        };
+        let tail = Container {
+            created_at: c.created_at,
+            labels: c.labels,
+            annotations: c.annotations,
+            image_id: c.image_id,
+            ..Default::default()
+        };
+        Prefab::new(&head, &tail)
+    }
+
+    /// The containers passing `filter`, with their CRI state.
+    fn listed_containers(
+        &self,
+        filter: Option<&ContainerFilter>,
+    ) -> impl Iterator<Item = (Arc<ContainerEntry>, i32)> {
+        self.all_containers().into_iter().filter_map(move |e| {
+            let state = e.state().to_cri() as i32;
+            if let Some(f) = filter
+                && (!id_matches(&f.id, &e.meta.id)
+                    || !id_matches(&f.pod_sandbox_id, &e.meta.sandbox_id)
+                    || f.state.as_ref().is_some_and(|s| s.state != state)
+                    || !labels_match(&f.label_selector, &e.meta.config.labels))
+            {
+                return None;
+            }
+            Some((e, state))
+        })
+    }
+
+    /// A container's list entry, in its created state (the state is filled in per call).
+    fn cri_container(&self, e: &ContainerEntry) -> Container {
+        Container {
+            id: e.meta.id.clone(),
+            pod_sandbox_id: e.meta.sandbox_id.clone(),
+            metadata: e.meta.config.metadata.clone(),
+            image: Some(self.image_spec(e)),
+            image_ref: e.meta.image_id.clone(),
+            state: 0,
+            created_at: e.meta.created_at,
+            labels: e.meta.config.labels.clone(),
+            annotations: e.meta.config.annotations.clone(),
+            image_id: e.meta.image_id.clone(),
+        }
     }
 }
 

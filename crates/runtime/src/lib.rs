@@ -13,6 +13,7 @@
 
 mod cgroups;
 mod container;
+mod encoded;
 mod error;
 mod events;
 mod exec;
@@ -28,6 +29,7 @@ mod records;
 mod recovery;
 mod repair;
 mod sandbox;
+mod sandbox_list;
 mod shm;
 pub mod state;
 mod stats;
@@ -44,6 +46,7 @@ use berth_snapshot::Snapshotter;
 use k8s_cri::v1::ContainerEventResponse;
 use tokio::sync::broadcast;
 
+pub use encoded::{Encoded, ListLayout};
 pub use error::{ErrorClass, Result, RuntimeError};
 pub use net_runner::ReaperCommandRunner;
 pub use pod_init::POD_INIT_COMMAND;
@@ -54,6 +57,9 @@ use crate::events::Events;
 use crate::names::Names;
 use crate::state::{ContainerState, SandboxState};
 use crate::store::Store;
+
+/// How many task deletes run at once in the background.
+const BACKGROUND_DELETES: usize = 4;
 
 /// How the runtime is set up (from `berth.toml`).
 #[derive(Debug, Clone)]
@@ -82,6 +88,8 @@ pub(crate) struct SandboxEntry {
     pub(crate) op: tokio::sync::RwLock<()>,
     /// Serialises status writes, so the database and memory agree on the last one.
     persist: Mutex<()>,
+    /// List cache: this pod's ListPodSandbox entry, encoded once (see `encoded`).
+    pub(crate) listed: OnceLock<encoded::Prefab>,
 }
 
 impl SandboxEntry {
@@ -91,6 +99,7 @@ impl SandboxEntry {
             status: RwLock::new(status),
             op: tokio::sync::RwLock::new(()),
             persist: Mutex::new(()),
+            listed: OnceLock::new(),
         })
     }
 
@@ -107,6 +116,13 @@ pub(crate) struct ContainerEntry {
     /// Serialises lifecycle operations (start, stop, remove) on this container.
     pub(crate) op: tokio::sync::Mutex<()>,
     persist: Mutex<()>,
+    /// Set once the container's task is deleted (the shim's record, the OCI runtime's state
+    /// and cgroup). The delete starts in the background when the exit is recorded; removal
+    /// and pod stop wait for it, or run it themselves if it has not started (see
+    /// `container::delete_task`). Never set twice, so the runtime deletes once.
+    pub(crate) task_deleted: tokio::sync::OnceCell<()>,
+    /// List cache: this container's ListContainers entry, encoded once (see `encoded`).
+    pub(crate) listed: OnceLock<encoded::Prefab>,
 }
 
 impl ContainerEntry {
@@ -116,6 +132,8 @@ impl ContainerEntry {
             status: RwLock::new(status),
             op: tokio::sync::Mutex::new(()),
             persist: Mutex::new(()),
+            task_deleted: tokio::sync::OnceCell::new(),
+            listed: OnceLock::new(),
         })
     }
 
@@ -169,6 +187,9 @@ pub struct Runtime<S: Shim = AnyShim> {
     /// Pod networking, once berthd has set it ([`Runtime::set_network`]); without it pods
     /// get a network namespace with loopback only.
     network: OnceLock<Arc<berth_net::NetworkManager>>,
+    /// Bounds the task deletes run in the background after exits: each starts the OCI
+    /// runtime binary, and a pod stop can make hundreds at once.
+    background_deletes: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S: Shim + 'static> Runtime<S> {
@@ -203,6 +224,7 @@ impl<S: Shim + 'static> Runtime<S> {
             cgroup_v2: berth_oci::detect_cgroup_v2(),
             oom_score_floor: oom_score::floor(),
             network: OnceLock::new(),
+            background_deletes: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_DELETES)),
         });
         runtime.load_records()?;
         runtime.refresh_gauges();
@@ -416,12 +438,34 @@ impl<S: Shim + 'static> Runtime<S> {
                 }
                 self.refresh_gauges();
                 self.publish(&entry, k8s_cri::v1::ContainerEventType::ContainerStoppedEvent);
+                // As containerd's exit handler: the task goes now, not at RemoveContainer,
+                // which the kubelet may call much later.
+                self.spawn_task_delete(entry);
             }
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(container_id = %id, error = %e, "cannot record container exit")
             }
         }
+    }
+
+    /// Deletes an exited container's task in the background (see
+    /// [`ContainerEntry::task_deleted`]); a failure is logged, and removal tries again.
+    pub(crate) fn spawn_task_delete(&self, entry: Arc<ContainerEntry>) {
+        if entry.task_deleted.initialized() {
+            return;
+        }
+        // Outside a tokio runtime (some unit tests) there is no background: removal does it.
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        let (shim, limit) = (self.shim.clone(), self.background_deletes.clone());
+        handle.spawn(async move {
+            // Waiting here, not inside the delete: a removal that comes meanwhile runs the
+            // delete itself instead of queueing behind other pods' deletes.
+            let Ok(_permit) = limit.acquire_owned().await else { return };
+            if let Err(e) = container::delete_task(shim.as_ref(), &entry).await {
+                tracing::warn!(container_id = %entry.meta.id, error = %e, "cannot delete the task of an exited container; removal will retry");
+            }
+        });
     }
 
     /// Publishes a lifecycle event for `entry` with its pod's status and containers.

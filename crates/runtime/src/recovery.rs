@@ -89,6 +89,14 @@ impl<S: Shim + 'static> Runtime<S> {
                 }
             }
         }
+        // Exited containers keep no task: delete what their runtime still has (an exit while
+        // berthd was down, or a background delete that berthd's stop interrupted). In the
+        // background: removal waits for it, nothing else needs it.
+        for entry in self.all_containers() {
+            if entry.state() == ContainerState::Exited {
+                self.spawn_task_delete(entry);
+            }
+        }
         for entry in self.all_sandboxes() {
             match self.reconcile_sandbox(&entry) {
                 Ok(true) => report.pods_not_ready += 1,

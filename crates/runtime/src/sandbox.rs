@@ -296,10 +296,17 @@ impl<S: Shim + 'static> Runtime<S> {
 
     async fn stop_sandbox_locked(&self, entry: &SandboxEntry) -> Result<()> {
         let containers = self.containers_of(&entry.meta.id);
-        // Several at once: each waits mostly on the runtime binary and the kernel.
+        // Several at once: each waits mostly on the runtime binary and the kernel. A stopped
+        // pod has no container tasks left: their deletes, started in the background at the
+        // exits, are waited for (or run here).
         let results: Vec<Result<()>> = stream::iter(containers.into_iter().map(|c| async move {
             let _cop = c.op.lock().await;
-            self.stop_container_locked(&c, 0).await
+            self.stop_container_locked(&c, 0).await?;
+            // A failed delete does not keep the pod from stopping: removal retries it.
+            if let Err(e) = crate::container::delete_task(self.shim.as_ref(), &c).await {
+                tracing::warn!(container_id = %c.meta.id, error = %e, "cannot delete the task of a stopped container");
+            }
+            Ok(())
         }))
         .buffer_unordered(POD_PARALLELISM)
         .collect()

@@ -88,10 +88,20 @@ impl EmbeddedShim {
     /// A shim keeping per-task files under `state_dir` (created if missing). Also makes the
     /// process a child subreaper and starts the reaper.
     pub fn new(state_dir: PathBuf) -> Result<Arc<Self>, ShimError> {
+        Self::with_event_capacity(state_dir, EVENT_CAPACITY)
+    }
+
+    /// [`EmbeddedShim::new`] with room for `capacity` events per subscriber. The external
+    /// shim serves one pod, whose few events one subscriber drains at once, and pays for
+    /// every slot (all are allocated up front) in each pod's memory.
+    pub(crate) fn with_event_capacity(
+        state_dir: PathBuf,
+        capacity: usize,
+    ) -> Result<Arc<Self>, ShimError> {
         std::fs::create_dir_all(&state_dir).map_err(io_err("create directory", &state_dir))?;
         crate::reaper::become_subreaper()?;
         Reaper::global()?;
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let (events, _) = broadcast::channel(capacity);
         Ok(Arc::new_cyclic(|me| EmbeddedShim {
             state_dir,
             tasks: Mutex::new(HashMap::new()),
@@ -315,6 +325,64 @@ async fn abandon(runtime: &RuntimeCmd, id: &str, dir: &Path, copiers: &[JoinHand
     remove_dir(dir);
 }
 
+/// Sends `signal` to the task's init ourselves when that does exactly what `<runtime> kill`
+/// would, saving a runtime process start (a Go binary: ~20 ms on a busy node). That is when
+/// - the task was never started: its init (`runc init`, waiting to exec the user's
+///   command) is the only process of the container, so it is "all" of them;
+/// - only the init is to be signalled (`all` unset) with anything but SIGKILL (newer runc
+///   turns a SIGKILL of a container sharing a PID namespace into a kill of all);
+/// - SIGKILL of all, and the init is PID 1 of its own PID namespace: the kernel kills the
+///   rest of the namespace, i.e. of the container, when it dies.
+///
+/// Otherwise (SIGKILL of all in a shared PID namespace) `Ok(None)`: let the runtime walk
+/// the cgroup. `Ok(Some(false))`: the init was already reaped, there was nothing to
+/// signal. The PID is only signalled while the reaper holds its exit back, so it cannot
+/// name a recycled process.
+fn signal_directly(task: &Task, signal: i32, all: bool) -> Result<Option<bool>, ShimError> {
+    let Ok(sig) = nix::sys::signal::Signal::try_from(signal) else {
+        return Ok(None); // real-time signals: leave them to the runtime
+    };
+    let kill = nix::sys::signal::Signal::SIGKILL;
+    let started = task.started.load(Ordering::Acquire);
+    let same_as_runtime = !started || (!all && sig != kill);
+    let reaper = Reaper::global()?;
+    let Ok(pid) = i32::try_from(task.pid) else { return Ok(None) };
+    let sent = reaper.with_unreaped(pid, |pid| {
+        let kills_namespace = sig == kill && is_pid_namespace_init(pid);
+        if !(same_as_runtime || kills_namespace) {
+            return Ok(false);
+        }
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+            // ESRCH cannot happen for an unreaped child, but would mean "gone" all the same.
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(true),
+            Err(source) => Err(ShimError::Sys { call: "kill", source }),
+        }
+    });
+    match sent {
+        None => Ok(Some(false)),
+        Some(Ok(true)) => Ok(Some(true)),
+        Some(Ok(false)) => Ok(None),
+        Some(Err(e)) => Err(e),
+    }
+}
+
+/// Whether `pid` is PID 1 of its own PID namespace (the last `NSpid` field of its status is
+/// 1). Any doubt (no `NSpid` line: a kernel before 4.1) answers no.
+fn is_pid_namespace_init(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .is_some_and(|status| nspid_is_namespace_init(&status))
+}
+
+/// The `NSpid:` line of a `/proc/<pid>/status` text ends in 1, and lists more than one
+/// namespace (a process in the initial namespace is never "its own" namespace's init).
+fn nspid_is_namespace_init(status: &str) -> bool {
+    status.lines().find_map(|l| l.strip_prefix("NSpid:")).is_some_and(|ids| {
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        ids.len() > 1 && ids.last() == Some(&"1")
+    })
+}
+
 /// `<runtime> delete --force <id>`, where "does not exist" is success.
 pub(crate) async fn runtime_delete(runtime: &RuntimeCmd, id: &str) -> Result<(), ShimError> {
     match runtime.run(id, "delete", &[OsStr::new("--force"), OsStr::new(id)]).await {
@@ -375,6 +443,24 @@ async fn monitor_exit(
     let _ = events.send(TaskEvent::Exited { id, exit });
 }
 
+impl EmbeddedShim {
+    /// [`Shim::exec_sync`] with the process as OCI JSON, checked cheaply and handed to the
+    /// runtime as it is: what the external shim serves (see `exec::check_process_json`).
+    pub(crate) async fn exec_sync_json(
+        &self,
+        id: &str,
+        process_json: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutput, ShimError> {
+        let task = self.task(id)?;
+        if task.exit().is_some() {
+            return Err(ShimError::NotRunning { id: id.to_owned() });
+        }
+        crate::exec::check_process_json(id, process_json)?;
+        crate::exec::exec_sync_json(&task.runtime, &task.dir, id, process_json, timeout).await
+    }
+}
+
 impl Shim for EmbeddedShim {
     async fn create(&self, task: CreateTask) -> Result<u32, ShimError> {
         let me = self.this();
@@ -398,6 +484,10 @@ impl Shim for EmbeddedShim {
     async fn kill(&self, id: &str, signal: i32, all: bool) -> Result<(), ShimError> {
         let task = self.task(id)?;
         if task.exit().is_some() {
+            return Ok(());
+        }
+        if let Some(done) = signal_directly(&task, signal, all)? {
+            tracing::trace!(id, signal, all, signalled = done, "signalled the init directly");
             return Ok(());
         }
         let sig = signal.to_string();
@@ -481,6 +571,19 @@ mod tests {
             assert!(validate_id(bad).is_err(), "{bad}");
         }
         assert!(validate_id(&"a".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn namespace_init_from_nspid() {
+        let status = |nspid: &str| format!("Name:\tsh\nPid:\t42\nNSpid:\t{nspid}\nPPid:\t1\n");
+        assert!(nspid_is_namespace_init(&status("4242\t1")));
+        assert!(nspid_is_namespace_init(&status("4242\t17\t1")));
+        // Shares a pod's namespace, where pod-init is PID 1.
+        assert!(!nspid_is_namespace_init(&status("4242\t7")));
+        // Host PID namespace.
+        assert!(!nspid_is_namespace_init(&status("1")));
+        assert!(!nspid_is_namespace_init(&status("4242")));
+        assert!(!nspid_is_namespace_init("Name:\tsh\nPid:\t42\n"));
     }
 
     #[test]

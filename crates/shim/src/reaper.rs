@@ -157,6 +157,21 @@ impl Reaper {
         self.lock().waiters.remove(&pid);
     }
 
+    /// Runs `f(pid)` only while `pid` is a child registered with [`Reaper::register`] whose
+    /// exit has not been reaped yet, so the PID cannot name a recycled process: reaping
+    /// waits meanwhile. Returns `None` when the process has already been reaped (or was
+    /// never registered). `f` must be quick (a `kill(2)`, a `/proc` read): reaping and
+    /// spawning wait for it.
+    pub fn with_unreaped<T>(&self, pid: i32, f: impl FnOnce(i32) -> T) -> Option<T> {
+        // `reap_all` holds the write side across waitpid and dispatch, so while we hold the
+        // read side a registered waiter still present means the PID is not reaped.
+        let _no_reaping = SPAWN_LOCK.read().unwrap_or_else(|e| e.into_inner());
+        if !self.lock().waiters.contains_key(&pid) {
+            return None;
+        }
+        Some(f(pid))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
         // The tables stay consistent even if a holder panicked (every update is one call).
         self.tables.lock().unwrap_or_else(|e| e.into_inner())

@@ -186,6 +186,59 @@ async fn delete_kills_running_task() {
 }
 
 #[tokio::test]
+async fn kill_of_created_task_then_delete() {
+    if !available() {
+        return;
+    }
+    let f = fixture("killcreated", &["/bin/sleep", "1000"], None);
+    let pid = f.shim.create(f.task()).await.expect("create");
+    // Never started: the init is signalled directly (no runtime run), as `kill --all` would.
+    f.shim.kill(&f.id, libc::SIGKILL, true).await.unwrap();
+    let exit = f.shim.wait(&f.id, Duration::from_secs(30)).await.unwrap().expect("exited");
+    assert_eq!(exit.code, 137);
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "init {pid} still there");
+    // The runtime keeps its (stopped) container until the delete.
+    assert!(f.runtime_root().join(&f.id).exists());
+    f.shim.kill(&f.id, libc::SIGKILL, true).await.unwrap();
+    f.shim.delete(&f.id).await.unwrap();
+    assert!(!f.runtime_root().join(&f.id).exists());
+    assert!(matches!(f.shim.state(&f.id).await, Err(ShimError::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn kill_all_in_own_pid_namespace() {
+    if !available() {
+        return;
+    }
+    let f = fixture("killall", &["/bin/sh", "-c", "sleep 1000 & sleep 1000 & wait"], None);
+    let pid = f.create_and_start().await;
+    let children = format!("/proc/{pid}/task/{pid}/children");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let kids: Vec<u32> = loop {
+        let kids: Vec<u32> = std::fs::read_to_string(&children)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if kids.len() == 2 {
+            break kids;
+        }
+        assert!(Instant::now() < deadline, "children never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The init is PID 1 of its namespace: killing it kills the rest, so no runtime run.
+    f.shim.kill(&f.id, libc::SIGKILL, true).await.unwrap();
+    let exit = f.shim.wait(&f.id, Duration::from_secs(30)).await.unwrap().expect("exited");
+    assert_eq!(exit.code, 137);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kids.iter().any(|k| Path::new(&format!("/proc/{k}")).exists()) {
+        assert!(Instant::now() < deadline, "children {kids:?} outlived the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f.shim.delete(&f.id).await.unwrap();
+}
+
+#[tokio::test]
 async fn create_failure_reports_runtime_error() {
     if !available() {
         return;
