@@ -386,6 +386,15 @@ impl Snapshotter {
             .mode(0o711)
             .create(&work)
             .map_err(io_err("create", &work))?;
+        // A volatile mount leaves this marker, and overlayfs refuses to mount the layer
+        // again while it exists. Reusing a layer (see `prepare_rootfs`) accepts that its
+        // unsynced writes may be lost after a host crash.
+        let marker = work.join("work/incompat/volatile");
+        if let Err(e) = fs::remove_dir_all(&marker)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            return Err(io_err("remove", &marker)(e));
+        }
         overlay::mount_overlay(&Overlay { lowers, upper: Some((&upper, &work)) }, target)
     }
 

@@ -550,6 +550,45 @@ fn is_mounted(target: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4).map(Path::new) == Some(canonical.as_path()))
 }
 
+/// The super options of the mount at `target` (mountinfo's last field).
+fn super_options(target: &Path) -> String {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let canonical = target.canonicalize().unwrap();
+    info.lines()
+        .filter(|l| l.split(' ').nth(4).map(Path::new) == Some(canonical.as_path()))
+        .filter_map(|l| l.rsplit(' ').next())
+        .next_back()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn writable_rootfs_is_volatile_and_can_be_mounted_again() {
+    let env = Env::new();
+    let base = Layer::new().dir("./").file("etc/os-release", b"base").finish();
+    let c1 = env.unpack(None, &base).unwrap();
+    let target = env.tmp.path().join("rootfs");
+    fs::create_dir(&target).unwrap();
+    let _guard = MountGuard(target.clone());
+    if try_mount(env.snap.prepare_rootfs("vol", &c1, &target, false)).is_none() {
+        return;
+    }
+    fs::write(target.join("kept"), b"data").unwrap();
+    // Only kernels with the new mount API path get volatile (see overlay.rs); newer ones
+    // show it as fsync=volatile.
+    let options = super_options(&target);
+    let volatile = options.split(',').any(|o| o == "volatile" || o == "fsync=volatile");
+    let marker = env.snap.root().join("active/vol/work/work/incompat/volatile");
+    assert_eq!(volatile, marker.exists(), "options {options}");
+    overlay::unmount_all(&target).unwrap();
+    assert!(!is_mounted(&target));
+    // The same writable layer mounts again (its volatile marker is cleared) with its data.
+    env.snap.prepare_rootfs("vol", &c1, &target, false).unwrap();
+    assert_eq!(fs::read(target.join("kept")).unwrap(), b"data");
+    env.snap.remove_rootfs("vol", &target).unwrap();
+    assert!(!is_mounted(&target));
+}
+
 #[test]
 fn overlay_prepare_and_remove() {
     let env = Env::new();
