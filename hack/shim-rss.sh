@@ -5,12 +5,13 @@
 # shims, see the ignored test `shim_memory_per_pod` in tests/recovery.rs.
 #
 # Usage: hack/shim-rss.sh [path to berth-shim] [number of shims]
-#   default binary: target/release/berth-shim (cargo build --release -p berth-shim)
+#   default binary: the static build of hack/build-shim.sh (target/<host triple>/shim/), what
+#   users should run; pass another path to compare builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=${1:-target/release/berth-shim}
+bin=${1:-target/$(rustc -vV | sed -n 's/^host: //p')/shim/berth-shim}
 n=${2:-5}
-[[ -x $bin ]] || { echo "no $bin: cargo build --release -p berth-shim" >&2; exit 1; }
+[[ -x $bin ]] || { echo "no $bin: run hack/build-shim.sh" >&2; exit 1; }
 dir=$(mktemp -d /tmp/berth-shim-rss.XXXXXX)
 pids=()
 cleanup() {
@@ -25,6 +26,7 @@ for i in $(seq 1 "$n"); do
     start=$(date +%s%N)
     "$bin" --dir "$dir/$pod" --pod "$pod" 2>>"$dir/shim.log" &
     pids+=($!)
+    disown  # killed by PID at exit: no "Killed" job reports
     until [[ -S $dir/$pod/shim.sock ]]; do sleep 0.001; done
     end=$(date +%s%N)
     sleep 0.2

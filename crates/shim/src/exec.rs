@@ -72,14 +72,62 @@ pub(crate) async fn exec_sync(
     if process.terminal().unwrap_or(false) {
         return Err(ShimError::TtyNotSupported { id: id.to_owned() });
     }
-    let files = ExecFiles::new(task_dir);
     let json = serde_json::to_vec(process)
         .map_err(|source| ShimError::ProcessJson { id: id.to_owned(), source })?;
+    exec_sync_json(runtime, task_dir, id, &json, timeout).await
+}
+
+/// The parts of an OCI process [`check_process_json`] looks at. Unknown fields are ignored
+/// (the runtime reads them); the fields the OCI spec requires must be there.
+#[derive(serde::Deserialize)]
+struct ProcessProbe {
+    #[serde(default)]
+    terminal: Option<bool>,
+    #[allow(dead_code)] // only its presence and type are checked
+    user: serde::de::IgnoredAny,
+    #[allow(dead_code)]
+    cwd: String,
+    #[allow(dead_code)]
+    #[serde(default)]
+    args: Option<Vec<String>>,
+    #[allow(dead_code)]
+    #[serde(default)]
+    env: Option<Vec<String>>,
+}
+
+/// Checks that `json` looks like an OCI process (a JSON object with `user` and `cwd`, and
+/// well-typed `terminal`, `args` and `env`) that asks for no terminal, without building an
+/// `oci_spec` process: the external shim hands berthd's bytes to the runtime as they are,
+/// and the runtime validates the rest. Keeping `oci_spec`'s deserializer (and the regex
+/// engine it pulls in) out of `berth-shim` is a good part of its memory footprint.
+pub(crate) fn check_process_json(id: &str, json: &[u8]) -> Result<(), ShimError> {
+    let bad = || ShimError::BadRequest { detail: "process_json is not an OCI process" };
+    // serde_json would also take a positional array for a struct.
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(bad());
+    }
+    let probe: ProcessProbe = serde_json::from_slice(json).map_err(|_| bad())?;
+    if probe.terminal == Some(true) {
+        return Err(ShimError::TtyNotSupported { id: id.to_owned() });
+    }
+    Ok(())
+}
+
+/// Runs the process given as OCI JSON (see [`check_process_json`]; it must not ask for a
+/// terminal) in container `id` and collects its output.
+pub(crate) async fn exec_sync_json(
+    runtime: &RuntimeCmd,
+    task_dir: &Path,
+    id: &str,
+    json: &[u8],
+    timeout: Option<Duration>,
+) -> Result<ExecOutput, ShimError> {
+    let files = ExecFiles::new(task_dir);
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&files.process)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, &json))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, json))
         .map_err(|source| ShimError::Io {
             action: "write exec process",
             path: files.process.clone(),
@@ -189,5 +237,44 @@ mod tests {
         drop(a);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         assert_eq!(b.read_pid(), None);
+    }
+
+    #[test]
+    fn process_json_is_checked_cheaply() {
+        let ok = br#"{"user":{"uid":0,"gid":0},"args":["sh","-c","true"],"env":["A=b"],
+            "cwd":"/","capabilities":{"bounding":["CAP_KILL"]},"unknownField":[1,{"x":2}]}"#;
+        assert!(check_process_json("c", ok).is_ok());
+        assert!(check_process_json("c", br#" {"user":{},"cwd":"/","terminal":false}"#).is_ok());
+        let tty = br#"{"user":{},"cwd":"/","terminal":true}"#;
+        assert!(
+            matches!(check_process_json("c", tty), Err(ShimError::TtyNotSupported { id }) if id == "c")
+        );
+        for bad in [
+            &br#"["#[..],
+            br#"[true,{},"/"]"#,
+            br#"{"cwd":"/"}"#,
+            br#"{"user":{}}"#,
+            br#"{"user":{},"cwd":"/","args":"sh"}"#,
+            br#"{"user":{},"cwd":"/","env":[1]}"#,
+            br#"{"user":{},"cwd":"/","terminal":"yes"}"#,
+            br#"{"user":{},"cwd":"/"} trailing"#,
+            b"",
+        ] {
+            assert!(
+                matches!(check_process_json("c", bad), Err(ShimError::BadRequest { .. })),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn oci_process_passes_the_check() {
+        let mut p = oci_spec::runtime::Process::default();
+        p.set_args(Some(vec!["true".into()]));
+        assert!(check_process_json("c", &serde_json::to_vec(&p).unwrap()).is_ok());
+        p.set_terminal(Some(true));
+        let err = check_process_json("c", &serde_json::to_vec(&p).unwrap()).unwrap_err();
+        assert!(matches!(err, ShimError::TtyNotSupported { .. }));
     }
 }

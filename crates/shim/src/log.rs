@@ -11,8 +11,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use chrono::{SecondsFormat, Utc};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe::Receiver;
 
@@ -20,6 +20,12 @@ use crate::ShimError;
 
 /// Longest line content in one record (the kubelet's and containerd's default, 16 KiB).
 pub const MAX_LINE: usize = 16 * 1024;
+
+/// Read size of a log copier. Each stream of each container holds one for its whole life
+/// (in the external shim: per pod), and every record costs a `write(2)` anyway, so a bigger
+/// read saves little; conmon reads 8 KiB too. Lines longer than this are joined by
+/// [`LineSplitter`].
+const COPY_BUF: usize = 8 * 1024;
 
 /// Which stream a record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +127,71 @@ pub fn format_record(timestamp: &str, stream: Stream, tag: Tag, content: &[u8]) 
 
 /// Now, as the CRI log format wants it: `2016-10-06T00:17:09.669794202Z`.
 pub fn timestamp_now() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Nanos, true)
+    format_timestamp(SystemTime::now())
+}
+
+/// `t` in RFC 3339 with nanoseconds, in UTC (Go's `RFC3339Nano` but always with nine
+/// fraction digits, as containerd writes CRI logs): `2016-10-06T00:17:09.669794202Z`.
+/// Our own few lines rather than a date library: the external shim pays for every byte of
+/// code it maps, and UTC needs no time zone data.
+pub fn format_timestamp(t: SystemTime) -> String {
+    let (secs, nanos) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (i64::try_from(d.as_secs()).unwrap_or(i64::MAX), d.subsec_nanos()),
+        Err(before) => {
+            let d = before.duration();
+            let secs = i64::try_from(d.as_secs()).map_or(i64::MIN, |s| -s);
+            match d.subsec_nanos() {
+                0 => (secs, 0),
+                n => (secs.saturating_sub(1), 1_000_000_000 - n),
+            }
+        }
+    };
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (year, month, day) = civil_from_days(days);
+    let (hour, min, sec) = (rem / 3600, rem / 60 % 60, rem % 60);
+    if !(0..=9999).contains(&year) {
+        // Not a date a log will carry; still well-formed (RFC 3339 has four-digit years).
+        let year = year.clamp(0, 9999);
+        return format!("{year:04}-{month:02}-{day:02}T{hour:02}:{min:02}:{sec:02}.{nanos:09}Z");
+    }
+    let mut out = [0u8; 30];
+    let fields: [(usize, u64, usize); 7] = [
+        (0, year as u64, 4),
+        (5, u64::from(month), 2),
+        (8, u64::from(day), 2),
+        (11, hour as u64, 2),
+        (14, min as u64, 2),
+        (17, sec as u64, 2),
+        (20, u64::from(nanos), 9),
+    ];
+    for (at, mut value, width) in fields {
+        for slot in out[at..at + width].iter_mut().rev() {
+            *slot = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    for (at, sep) in
+        [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (29, b'Z')]
+    {
+        out[at] = sep;
+    }
+    out.iter().map(|&b| char::from(b)).collect()
+}
+
+/// The proleptic Gregorian date (year, month 1-12, day 1-31) `days` after 1970-01-01
+/// (Howard Hinnant's `civil_from_days`: eras of 400 years, years starting in March so the
+/// leap day comes last).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468; // days since 0000-03-01
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // day of era, 0..=146096
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // year of era, 0..=399
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // day of the March-based year
+    let mp = (5 * doy + 2) / 153; // month, March = 0
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 /// A task's CRI log file, shared by its stdout and stderr copiers.
@@ -184,7 +254,7 @@ pub(crate) async fn copy_stream(
     log: Option<std::sync::Arc<LogWriter>>,
 ) {
     let mut splitter = LineSplitter::new(MAX_LINE);
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = vec![0u8; COPY_BUF];
     let write = |tag: Tag, content: &[u8]| {
         if let Some(log) = &log {
             let content = match tag {
@@ -350,6 +420,49 @@ mod tests {
         assert!(ts.ends_with('Z'));
         assert_eq!(&ts[10..11], "T");
         assert_eq!(&ts[19..20], ".");
+    }
+
+    fn at(secs: i64, nanos: u32) -> SystemTime {
+        let d = std::time::Duration::new(secs.unsigned_abs(), 0);
+        let whole = if secs >= 0 { UNIX_EPOCH + d } else { UNIX_EPOCH - d };
+        whole + std::time::Duration::from_nanos(u64::from(nanos))
+    }
+
+    #[test]
+    fn timestamps_of_known_instants() {
+        for (secs, nanos, want) in [
+            (0, 0, "1970-01-01T00:00:00.000000000Z"),
+            (1_475_713_029, 669_794_202, "2016-10-06T00:17:09.669794202Z"),
+            (951_782_400, 1, "2000-02-29T00:00:00.000000001Z"),
+            (951_868_799, 999_999_999, "2000-02-29T23:59:59.999999999Z"),
+            (4_107_542_400, 0, "2100-03-01T00:00:00.000000000Z"),
+            (1_709_251_199, 0, "2024-02-29T23:59:59.000000000Z"),
+            (1_735_689_599, 5, "2024-12-31T23:59:59.000000005Z"),
+            (253_402_300_799, 0, "9999-12-31T23:59:59.000000000Z"),
+            (-1, 999_999_999, "1969-12-31T23:59:59.999999999Z"),
+            (-86_400, 0, "1969-12-31T00:00:00.000000000Z"),
+            (-62_167_219_200, 0, "0000-01-01T00:00:00.000000000Z"),
+        ] {
+            assert_eq!(format_timestamp(at(secs, nanos)), want, "{secs}.{nanos}");
+        }
+        // Out of RFC 3339's range: clamped, still 30 bytes.
+        assert_eq!(format_timestamp(at(253_402_300_800, 0)).len(), 30);
+    }
+
+    #[test]
+    fn timestamps_match_chrono() {
+        use chrono::{DateTime, SecondsFormat};
+        // A deterministic walk over 1970..2400 with odd steps hits every month, leap days and
+        // century years, and all digits of the fraction.
+        let (mut secs, mut nanos) = (-100_000_i64, 1_u32);
+        while secs < 13_569_465_600 {
+            let want = DateTime::from_timestamp(secs, nanos)
+                .unwrap()
+                .to_rfc3339_opts(SecondsFormat::Nanos, true);
+            assert_eq!(format_timestamp(at(secs, nanos)), want);
+            secs += 86_400 * 3 + 7_919;
+            nanos = (nanos.wrapping_mul(7_919) + 104_729) % 1_000_000_000;
+        }
     }
 
     #[test]

@@ -59,7 +59,10 @@ impl CappedReader {
 
 async fn read_capped(mut rx: Receiver, cap: usize, mut stop: watch::Receiver<bool>) -> Capped {
     let mut out = Capped::default();
-    let mut chunk = vec![0u8; 64 * 1024];
+    // Every runtime call reads two pipes: 16 KiB each keeps that off the external shim's
+    // high-water mark (its heap stays as large as its largest moment), and megabytes of
+    // output still take only a few hundred reads.
+    let mut chunk = vec![0u8; 16 * 1024];
     loop {
         let n = tokio::select! {
             biased;

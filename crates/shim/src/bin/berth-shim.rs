@@ -10,12 +10,25 @@ use std::process::ExitCode;
 
 use berth_shim::external::{ServerConfig, serve};
 
+/// One malloc arena for the whole process. glibc gives every thread that allocates an arena
+/// of its own (a heap, its pages and bookkeeping); the shim's second thread (the reaper)
+/// allocates little and rarely, so sharing the main arena costs no contention but saves a
+/// heap per pod. Call before any thread starts.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn usage() -> ExitCode {
     eprintln!("usage: berth-shim --dir <shim dir> --pod <pod id>");
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
+    one_malloc_arena();
     let mut dir = None;
     let mut pod = None;
     let mut args = std::env::args_os().skip(1);

@@ -23,6 +23,14 @@ use super::{PID_FILE, SOCKET_NAME};
 use crate::state_file::{self, TaskRecord};
 use crate::{EmbeddedShim, Exit, Shim, ShimError, TaskEvent, TaskState};
 
+/// Capacity of the event channels: the embedded shim's (drained at once by
+/// `record_events`) and the one that re-publishes events to `subscribe` connections. A pod's
+/// shim sees a handful of events (an exit and maybe an OOM per container); on lag
+/// `record_events` asks the tasks for their states, and a lagging subscriber is disconnected
+/// and resubscribes and lists the tasks (see [`subscription`]). Every slot is allocated and
+/// written up front, so this is resident memory of every shim (1024 slots: ~70 KB each).
+const EVENT_CAPACITY: usize = 64;
+
 /// What the shim process serves.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -86,7 +94,7 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ShimError> {
     private_dir(&cfg.dir)?;
     let tasks_dir = state_file::tasks_dir(&cfg.dir);
     private_dir(&tasks_dir)?;
-    let shim = EmbeddedShim::new(cfg.dir.join("run"))?;
+    let shim = EmbeddedShim::with_event_capacity(cfg.dir.join("run"), EVENT_CAPACITY)?;
     let socket = cfg.dir.join(SOCKET_NAME);
     // A socket file left by a dead predecessor would make bind fail; nobody listens on it.
     match std::fs::remove_file(&socket) {
@@ -96,7 +104,7 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ShimError> {
         _ => {}
     }
     let listener = UnixListener::bind(&socket).map_err(io_err("bind socket", &socket))?;
-    let (events, _) = broadcast::channel(1024);
+    let (events, _) = broadcast::channel(EVENT_CAPACITY);
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let server = Arc::new(Server {
         shim: shim.clone(),
@@ -252,12 +260,9 @@ impl Server {
             }
             K::Delete(r) => self.delete(&r.id).await,
             K::ExecSync(r) => {
-                let process: oci_spec::runtime::Process = serde_json::from_slice(&r.process_json)
-                    .map_err(|_| ShimError::BadRequest {
-                    detail: "process_json is not an OCI process",
-                })?;
                 let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms));
-                let out = self.shim.exec_sync(&r.id, process, timeout).await?;
+                // berthd's bytes go to the runtime as they are (checked, not re-encoded).
+                let out = self.shim.exec_sync_json(&r.id, &r.process_json, timeout).await?;
                 Ok(resp(R::ExecSync(exec_msg(out))))
             }
             K::ReopenLog(r) => {
