@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use berth_runtime::{Encoded, ListLayout};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use prost::Message;
 
 /// Size of the gRPC message prefix: compression flag (1 byte) and length (4 bytes, big endian).
@@ -96,9 +96,8 @@ impl Body for EncodedBody {
         self.data.is_empty() && self.trailers.is_none()
     }
 
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.data.iter().map(|c| c.len() as u64).sum())
-    }
+    // No exact size hint: hyper would turn it into a `content-length` header, which
+    // tonic's responses never carry.
 }
 
 #[cfg(test)]
@@ -143,7 +142,7 @@ mod tests {
             let message = list(n);
             let want = message.encode_to_vec();
             let body = EncodedBody::new(Bytes::from(want.clone())).unwrap();
-            assert_eq!(body.size_hint().exact(), Some(want.len() as u64 + 5));
+            assert_eq!(body.size_hint().exact(), None, "no content-length");
             let (data, sizes, trailers) = collect(body).await;
 
             assert_eq!(data[0], 0, "not compressed");

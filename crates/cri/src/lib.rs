@@ -7,7 +7,6 @@
 
 mod container;
 mod encoded_body;
-mod encoded_codec;
 mod error;
 mod image_service;
 pub mod instrument;

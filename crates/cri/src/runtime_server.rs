@@ -1,7 +1,8 @@
 //! The `RuntimeService` gRPC server: the generated one, except that ListContainers and
-//! ListPodSandbox answer with bytes the runtime keeps encoded per container and pod (through
-//! [`EncodedCodec`]), so a list of a thousand containers is a copy rather than building and
-//! encoding a thousand messages. Both still pass the instrumentation layer like every call.
+//! ListPodSandbox answer with bytes the runtime keeps encoded per container and pod, sent
+//! as they are ([`EncodedBody`]), so a list of a thousand containers is one copy rather than
+//! building and encoding a thousand messages. Both still pass the instrumentation layer
+//! like every call.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,17 +12,16 @@ use berth_runtime::{Encoded, ListLayout};
 use bytes::Bytes;
 use k8s_cri::v1::runtime_service_server::{RuntimeServiceServer, SERVICE_NAME};
 use k8s_cri::v1::{ListContainersRequest, ListPodSandboxRequest};
+use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::Streaming;
 use tonic::codegen::{BoxFuture, StdError};
 use tonic::metadata::GRPC_CONTENT_TYPE;
-use tonic::server::{Grpc, NamedService, UnaryService};
-use tonic::{Request, Response, Status};
+use tonic::server::NamedService;
 use tonic_prost::ProstDecoder;
 use tower::Service;
 
 use crate::encoded_body::{EncodedBody, message_bytes};
-use crate::encoded_codec::EncodedCodec;
 use crate::runtime_service::RuntimeApi;
 
 const LIST_CONTAINERS: &str = "/runtime.v1.RuntimeService/ListContainers";
@@ -48,27 +48,9 @@ impl NamedService for RuntimeServer {
     const NAME: &'static str = SERVICE_NAME;
 }
 
-/// A unary list call answered with pre-encoded bytes.
-struct EncodedList<Req, Resp> {
-    api: Arc<RuntimeApi>,
-    list: fn(&RuntimeApi, Req) -> Encoded<Resp>,
-}
-
-impl<Req, Resp> UnaryService<Req> for EncodedList<Req, Resp>
-where
-    Req: Send + 'static,
-    Resp: Send + 'static,
-{
-    type Response = Encoded<Resp>;
-    type Future = BoxFuture<Response<Encoded<Resp>>, Status>;
-
-    fn call(&mut self, request: Request<Req>) -> Self::Future {
-        let (api, list) = (self.api.clone(), self.list);
-        Box::pin(async move { Ok(Response::new(list(&api, request.into_inner()))) })
-    }
-}
-
-/// Serves `request` with `list`, through the codec that sends bytes as they are.
+/// Serves `request` with `list`, sending the list's bytes as they are. The request side is
+/// what tonic's `Grpc::unary` does; the response side skips tonic's encoder, which would
+/// copy the whole message into a buffer of its own.
 fn serve_encoded<B, Req, Resp>(
     api: Arc<RuntimeApi>,
     list: fn(&RuntimeApi, Req) -> Encoded<Resp>,
@@ -80,12 +62,6 @@ where
     Req: prost::Message + Default + Send + 'static,
     Resp: ListLayout + prost::Message + Default + Send + 'static,
 {
-    if std::env::var_os("BERTH_LD_COPY").is_some() {
-        return Box::pin(async move {
-            let mut grpc = Grpc::new(EncodedCodec::<Req, Resp>::default());
-            Ok(grpc.unary(EncodedList { api, list }, request).await)
-        });
-    }
     Box::pin(async move {
         let response = match read_request::<B, Req>(request).await {
             Ok(req) => respond(message_bytes(list(&api, req))),
@@ -174,7 +150,7 @@ mod tests {
         assert_eq!(LIST_POD_SANDBOX, format!("/{SERVICE_NAME}/ListPodSandbox"));
     }
 
-    /// The response types the codec encodes are the ones the generated client decodes.
+    /// The response types the lists are encoded as are the ones the generated client decodes.
     #[test]
     fn layouts_name_the_response_types() {
         fn layout<T: ListLayout>() -> (u32, u32) {
