@@ -8,12 +8,15 @@
 # unmounted, and the CNI bridge configured for containerd is deleted.
 #
 # Needs root. Tunables (environment):
-#   BENCH_ITERATIONS=50 BENCH_CONCURRENCY=8   lifecycle cycles per phase, pods in flight
+#   BENCH_ITERATIONS=50 BENCH_CONCURRENCY=4   lifecycle cycles per phase, pods in flight
 #   BENCH_PULLS=5                             cold pulls of the 100 MiB image
 #   BENCH_CONTAINERS=1000 BENCH_SCALE_PODS=10 list-scale size
-#   BENCH_MEMORY_PODS=20                      pods running for the memory scenario
+#   BENCH_MEMORY_PODS=100                     pods running for the memory scenario (run
+#                                             on freshly restarted daemons)
 #   BENCH_SCENARIOS="lifecycle pull list-scale memory"
 #   BENCH_RUNTIMES="containerd berth"         order within each scenario
+#   BENCH_BERTH_SHIM=embedded                 berthd's shim: embedded, or external (one
+#                                             static berth-shim per pod, hack/build-shim.sh)
 #   BENCH_OUT=<dir>                           keep JSON, SVG and logs here (default: ./target/bench)
 #   BENCH_NO_BUILD=1                          use the binaries already built
 #   BENCH_PROFILE=release                     cargo profile to build and run (debug: dev only)
@@ -22,13 +25,14 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
 ITERATIONS=${BENCH_ITERATIONS:-50}
-CONCURRENCY=${BENCH_CONCURRENCY:-8}
+CONCURRENCY=${BENCH_CONCURRENCY:-4}
 PULLS=${BENCH_PULLS:-5}
 CONTAINERS=${BENCH_CONTAINERS:-1000}
 SCALE_PODS=${BENCH_SCALE_PODS:-10}
-MEMORY_PODS=${BENCH_MEMORY_PODS:-20}
+MEMORY_PODS=${BENCH_MEMORY_PODS:-100}
 SCENARIOS=${BENCH_SCENARIOS:-"lifecycle pull list-scale memory"}
 RUNTIMES=${BENCH_RUNTIMES:-"containerd berth"}
+BERTH_SHIM=${BENCH_BERTH_SHIM:-embedded}
 OUT=${BENCH_OUT:-$REPO/target/bench}
 
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
@@ -52,6 +56,8 @@ build_pkgs=(-p berth-bench)
 case " $RUNTIMES " in *" berth "*) build_pkgs+=(-p berth-berthd) ;; esac
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   if [ "$PROFILE" = release ]; then cargo build --release "${build_pkgs[@]}"; else cargo build "${build_pkgs[@]}"; fi
+  # berthd with `shim = "external"` runs the berth-shim next to it: the static build users get.
+  case " $RUNTIMES " in *" berth "*) "$REPO/hack/build-shim.sh" "$REPO/target/$PROFILE" ;; esac
 fi
 BENCH=$REPO/target/$PROFILE/berth-bench
 BERTHD=$REPO/target/$PROFILE/berthd
@@ -63,7 +69,7 @@ BRIDGE="bb$(printf '%s' "$T" | sha256sum | cut -c1-8)"
 # berthd's own bridge and nft table, unique to the run (not the host-wide berth0 defaults).
 BERTH_BRIDGE="bt$(printf '%s' "$T" | sha256sum | cut -c9-16)"
 BERTH_NAT="bench$(printf '%s' "$T" | sha256sum | cut -c17-22)"
-REGISTRY_PID="" CONTAINERD_PID="" BERTHD_PID=""
+REGISTRY_PID="" CONTAINERD_PID="" BERTHD_PID="" CTRD_SUBNET="" BERTH_SUBNET=""
 # containerd's shims keep sockets under /run/containerd whatever the config says: if that
 # directory is ours to create, it is ours to remove.
 RUN_CONTAINERD_EXISTED=0
@@ -147,11 +153,13 @@ BIG=$REG/big:1.0
 start_containerd() {
   log "containerd $(containerd --version | awk '{print $3}')"
   mkdir -p "$T/ctrd-root" "$T/ctrd-state" "$T/cni" "$T/ipam"
-  # A /16 no route on this machine uses yet.
-  local n subnet=""
+  # A /16 no route on this machine uses yet (kept across restarts: the bridge has it).
+  local n subnet=$CTRD_SUBNET
   for n in $(seq 200 250); do
-    ip route | grep -q "^10\.$n\." || { subnet=10.$n.0.0/16; break; }
+    [ -n "$subnet" ] && break
+    ip route | grep -q "^10\.$n\." || subnet=10.$n.0.0/16
   done
+  CTRD_SUBNET=$subnet
   cat >"$T/cni/10-bench.conflist" <<EOF
 {
   "cniVersion": "1.0.0",
@@ -210,12 +218,14 @@ EOF
 start_berthd() {
   log "berthd"
   mkdir -p "$T/berth-root" "$T/berth-state"
-  local n subnet=""
+  local n subnet=$BERTH_SUBNET
   for n in $(seq 150 199); do  # containerd's CNI takes 200-250
-    ip route | grep -q "^10\.$n\." || { subnet=10.$n.0.0/16; break; }
+    [ -n "$subnet" ] && break
+    ip route | grep -q "^10\.$n\." || subnet=10.$n.0.0/16
   done
-  printf '[network]\nbridge = "%s"\nsubnet = "%s"\nnat_table = "%s"\n' \
-    "$BERTH_BRIDGE" "$subnet" "$BERTH_NAT" >"$T/berth.toml"
+  BERTH_SUBNET=$subnet
+  printf '[runtime]\nshim = "%s"\n[network]\nbridge = "%s"\nsubnet = "%s"\nnat_table = "%s"\n' \
+    "$BERTH_SHIM" "$BERTH_BRIDGE" "$subnet" "$BERTH_NAT" >"$T/berth.toml"
   "$BERTHD" --config "$T/berth.toml" --root "$T/berth-root" --state "$T/berth-state" \
     --listen "$T/berth.sock" --metrics-address "" >"$T/berthd.log" 2>&1 &
   BERTHD_PID=$!
@@ -236,6 +246,13 @@ wait_cri() {
 endpoint() { case $1 in berth) echo "unix://$T/berth.sock" ;; containerd) echo "unix://$T/containerd.sock" ;; esac; }
 daemon_pid() { case $1 in berth) echo "$BERTHD_PID" ;; containerd) echo "$CONTAINERD_PID" ;; esac; }
 shim_names() { case $1 in berth) echo "--shim-name berth-shim" ;; containerd) echo "--shim-name containerd-shim-runc-v2" ;; esac; }
+
+restart_daemon() {
+  case $1 in
+    berth) stop_pid "$BERTHD_PID"; start_berthd ;;
+    containerd) stop_pid "$CONTAINERD_PID"; start_containerd ;;
+  esac
+}
 
 case " $RUNTIMES " in *" containerd "*) start_containerd ;; esac
 case " $RUNTIMES " in *" berth "*) start_berthd ;; esac
@@ -258,6 +275,8 @@ for scenario in $SCENARIOS; do
       pull) run "$rt" pull --pull-image "$BIG" -m "$PULLS" ;;
       list-scale) run "$rt" list-scale --containers "$CONTAINERS" --pods "$SCALE_PODS" ;;
       memory)
+        # Fresh daemons, so that what earlier scenarios left in their heaps is not counted.
+        restart_daemon "$rt"
         # shellcheck disable=SC2046
         run "$rt" memory --daemon-pid "$(daemon_pid "$rt")" $(shim_names "$rt") \
           --shim-match "$T" --pods "$MEMORY_PODS" ;;

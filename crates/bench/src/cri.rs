@@ -44,6 +44,8 @@ pub struct Cri {
     pub rt: RuntimeServiceClient<Channel>,
     /// ImageService.
     pub img: ImageServiceClient<Channel>,
+    /// The connection both clients share, for calls outside the generated clients.
+    pub channel: Channel,
 }
 
 impl Cri {
@@ -62,7 +64,8 @@ impl Cri {
             .with_context(|| format!("connecting to {endpoint}"))?;
         Ok(Self {
             rt: RuntimeServiceClient::new(channel.clone()),
-            img: ImageServiceClient::new(channel),
+            img: ImageServiceClient::new(channel.clone()),
+            channel,
         })
     }
 

@@ -11,6 +11,7 @@ use k8s_cri::v1::{
 };
 
 use crate::cri::{Cri, container_config, pod_config, sleeper_args, timed};
+use crate::daemon_cpu;
 use crate::report::Report;
 use crate::stats::Samples;
 
@@ -27,15 +28,32 @@ pub struct Params {
     pub start: bool,
     /// Creates in flight.
     pub concurrency: usize,
+    /// The daemon's PID, to report its CPU time per ListContainers call.
+    pub daemon_pid: Option<u32>,
+    /// Leave what was created in place.
+    pub keep: bool,
+    /// Create nothing; measure over what exists.
+    pub existing: bool,
     /// The container image.
     pub image: String,
     /// `linux.cgroup_parent` of the pods.
     pub cgroup_parent: Option<String>,
 }
 
-/// Runs the scenario, always removing what it created.
+/// Runs the scenario, removing what it created unless told to keep it.
 pub async fn run(cri: &Cri, run: &str, p: &Params, report: &mut Report) -> Result<()> {
-    let r = measure(cri, run, p, report).await;
+    if p.existing {
+        // Nothing of this run exists: nothing to sweep.
+        return measure(cri, p, report).await;
+    }
+    let r = match create(cri, run, p, report).await {
+        Ok(()) => measure(cri, p, report).await,
+        Err(e) => Err(e),
+    };
+    if p.keep && r.is_ok() {
+        println!("kept the containers of run {run}; `berth-bench cleanup` removes them");
+        return r;
+    }
     let mut c = cri.clone();
     let start = Instant::now();
     let swept = c.sweep(Some(run)).await;
@@ -43,7 +61,8 @@ pub async fn run(cri: &Cri, run: &str, p: &Params, report: &mut Report) -> Resul
     r.and(swept.map(|_| ()))
 }
 
-async fn measure(cri: &Cri, run: &str, p: &Params, report: &mut Report) -> Result<()> {
+/// Creates the pods and containers (and starts them if asked); reports creates per second.
+async fn create(cri: &Cri, run: &str, p: &Params, report: &mut Report) -> Result<()> {
     let mut c = cri.clone();
     c.ensure_image(&p.image).await?;
     let npods = p.pods.max(1);
@@ -88,7 +107,13 @@ async fn measure(cri: &Cri, run: &str, p: &Params, report: &mut Report) -> Resul
             "1/s",
         );
     }
+    Ok(())
+}
 
+/// Times the list calls over what exists.
+async fn measure(cri: &Cri, p: &Params, report: &mut Report) -> Result<()> {
+    let mut c = cri.clone();
+    let npods = p.pods.max(1);
     let mut s = Samples::default();
     for _ in 0..p.calls.max(1) {
         let n =
@@ -106,5 +131,18 @@ async fn measure(cri: &Cri, run: &str, p: &Params, report: &mut Report) -> Resul
     }
     let prefix = format!("list-scale {}c/{}p", p.containers, npods);
     report.push_latencies(&prefix, &s, &["ListContainers", "ListPodSandbox"]);
+    if let Some(pid) = p.daemon_pid {
+        let calls = p.calls.max(1);
+        let before = daemon_cpu::cpu_ns(pid)?;
+        for _ in 0..calls {
+            c.rt.list_containers(ListContainersRequest::default()).await?;
+        }
+        let per_call = daemon_cpu::cpu_ns(pid)?.saturating_sub(before) as f64 / calls as f64;
+        report.push(
+            format!("{prefix} ListContainers daemon CPU per call"),
+            crate::report::round3(per_call / 1e6),
+            "ms",
+        );
+    }
     Ok(())
 }

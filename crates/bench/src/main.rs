@@ -2,15 +2,19 @@
 //! runtimes can be compared side by side on one machine.
 //!
 //! Scenarios: `lifecycle` (the kubelet's nine calls for a one-container pod, sequential and
-//! concurrent), `pull` (cold PullImage), `list-scale` (List* with many containers) and `memory`
-//! (daemon and shim RSS/PSS). Each prints a table and can merge its figures into a JSON file;
+//! concurrent), `pull` (cold PullImage), `list-scale` (List* with many containers), `churn`
+//! (call latency before and after many containers came and went) and `memory` (daemon and
+//! shim RSS/PSS). Each prints a table and can merge its figures into a JSON file;
 //! `compare` and `plot` read two such files. `push-fixtures` builds the images the scenarios
 //! use and pushes them to a registry. `hack/bench-vs-containerd.sh` drives it all.
 
+mod churn;
 mod compare;
 mod cri;
+mod daemon_cpu;
 mod fixtures;
 mod lifecycle;
+mod list_probe;
 mod list_scale;
 mod memory;
 mod plot;
@@ -107,6 +111,48 @@ enum Command {
         /// Creates in flight.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// The daemon's PID: also report its CPU time per ListContainers call.
+        #[arg(long)]
+        daemon_pid: Option<u32>,
+        /// Leave the pods and containers in place (remove them later with `cleanup`).
+        #[arg(long)]
+        keep: bool,
+        /// Create nothing: measure over the containers that exist (e.g. kept by `--keep`).
+        #[arg(long, conflicts_with = "keep")]
+        existing: bool,
+    },
+    /// Diagnostic: splits one ListContainers into transfer and protobuf decode, on a
+    /// multi-thread and a current-thread client, over the containers that exist.
+    #[command(hide = true)]
+    ListProbe {
+        #[command(flatten)]
+        common: Common,
+        /// Rounds measured.
+        #[arg(long, short = 'k', default_value_t = 100)]
+        calls: usize,
+        /// Print the first container as decoded.
+        #[arg(long)]
+        dump: bool,
+    },
+    /// Call latency with a few live pods, before and after N containers came and went.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        /// Containers created and removed between the two rounds.
+        #[arg(long, short = 'n', default_value_t = 1000)]
+        churn: usize,
+        /// Live pods (one running container each).
+        #[arg(long, default_value_t = 3)]
+        live_pods: usize,
+        /// Samples of each list/status call per round.
+        #[arg(long, short = 'k', default_value_t = 100)]
+        calls: usize,
+        /// Container and pod create/remove cycles per round.
+        #[arg(long, default_value_t = 20)]
+        cycles: usize,
+        /// Creates in flight while churning.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
     },
     /// Daemon RSS/PSS idle and with N pods, and shim memory per pod.
     Memory {
@@ -193,18 +239,56 @@ async fn main() -> Result<()> {
             })
             .await
         }
-        Command::ListScale { common, containers, pods, calls, start, concurrency } => {
+        Command::ListScale {
+            common,
+            containers,
+            pods,
+            calls,
+            start,
+            concurrency,
+            daemon_pid,
+            keep,
+            existing,
+        } => {
             let p = list_scale::Params {
                 containers,
                 pods,
                 calls,
                 start,
                 concurrency,
+                daemon_pid,
+                keep,
+                existing,
                 image: common.image.clone(),
                 cgroup_parent: common.cgroup_parent.clone(),
             };
             scenario(&common, |cri, run, rep| {
                 Box::pin(async move { list_scale::run(&cri, &run, &p, rep).await })
+            })
+            .await
+        }
+        Command::ListProbe { common, calls, dump } => {
+            let (endpoint, timeout) =
+                (common.endpoint.clone(), Duration::from_secs(common.call_timeout));
+            scenario(&common, |cri, _, rep| {
+                Box::pin(async move {
+                    list_probe::run(&cri, &endpoint, timeout, calls, dump, rep).await
+                })
+            })
+            .await
+        }
+        Command::Churn { common, churn, live_pods, calls, cycles, concurrency } => {
+            let p = churn::Params {
+                churn,
+                live_pods,
+                calls,
+                cycles,
+                concurrency,
+                image: common.image.clone(),
+                cgroup_parent: common.cgroup_parent.clone(),
+            };
+            scenario(&common, |cri, run, rep| {
+                Box::pin(async move { churn::run(&cri, &run, &p, rep).await })
             })
             .await
         }

@@ -138,6 +138,10 @@ pub async fn run(cri: &Cri, run: &str, p: &Params, report: &mut Report) -> Resul
         (None, None) => bail!("--daemon-pid or --daemon-name is required"),
     };
     let mut c = cri.clone();
+    // A cold pull, so that "idle" includes what pulling leaves in the daemon, even when
+    // the image was on disk from an earlier run.
+    let spec = crate::cri::image_spec(&p.image);
+    let _ = c.img.remove_image(k8s_cri::v1::RemoveImageRequest { image: Some(spec) }).await;
     c.ensure_image(&p.image).await?;
     tokio::time::sleep(p.settle).await;
     let idle = process_mem(pid)?;
