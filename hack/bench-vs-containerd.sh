@@ -69,6 +69,7 @@ BRIDGE="bb$(printf '%s' "$T" | sha256sum | cut -c1-8)"
 # berthd's own bridge and nft table, unique to the run (not the host-wide berth0 defaults).
 BERTH_BRIDGE="bt$(printf '%s' "$T" | sha256sum | cut -c9-16)"
 BERTH_NAT="bench$(printf '%s' "$T" | sha256sum | cut -c17-22)"
+BERTH_CGROUP="berth-bench-$(printf '%s' "$T" | sha256sum | cut -c23-30)"
 REGISTRY_PID="" CONTAINERD_PID="" BERTHD_PID="" CTRD_SUBNET="" BERTH_SUBNET=""
 # containerd's shims keep sockets under /run/containerd whatever the config says: if that
 # directory is ours to create, it is ours to remove.
@@ -112,6 +113,9 @@ cleanup() {
   ip link del "$BRIDGE" 2>/dev/null
   ip link del "$BERTH_BRIDGE" 2>/dev/null
   nft delete table inet "$BERTH_NAT" 2>/dev/null
+  for c in /sys/fs/cgroup/*/"$BERTH_CGROUP" /sys/fs/cgroup/"$BERTH_CGROUP"; do
+    [ -d "$c" ] && find "$c" -depth -type d -delete 2>/dev/null
+  done
   [ "$RUN_CONTAINERD_EXISTED" = 0 ] && [ -d /run/containerd ] && find /run/containerd -depth -type d -empty -delete
   cp "$T"/*.log "$OUT"/ 2>/dev/null
   rm -rf "$T"
@@ -224,8 +228,8 @@ start_berthd() {
     ip route | grep -q "^10\.$n\." || subnet=10.$n.0.0/16
   done
   BERTH_SUBNET=$subnet
-  printf '[runtime]\nshim = "%s"\n[network]\nbridge = "%s"\nsubnet = "%s"\nnat_table = "%s"\n' \
-    "$BERTH_SHIM" "$BERTH_BRIDGE" "$subnet" "$BERTH_NAT" >"$T/berth.toml"
+  printf '[runtime]\nshim = "%s"\ncgroup_parent = "/%s"\n[network]\nbridge = "%s"\nsubnet = "%s"\nnat_table = "%s"\n' \
+    "$BERTH_SHIM" "$BERTH_CGROUP" "$BERTH_BRIDGE" "$subnet" "$BERTH_NAT" >"$T/berth.toml"
   "$BERTHD" --config "$T/berth.toml" --root "$T/berth-root" --state "$T/berth-state" \
     --listen "$T/berth.sock" --metrics-address "" >"$T/berthd.log" 2>&1 &
   BERTHD_PID=$!
