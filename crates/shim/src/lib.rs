@@ -26,6 +26,7 @@ pub mod oom;
 mod pipe;
 pub mod reaper;
 mod runtime_cmd;
+mod sock_path;
 pub mod state_file;
 mod task;
 

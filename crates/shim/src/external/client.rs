@@ -181,7 +181,8 @@ impl PodShim {
     }
 
     async fn connect(&self) -> Result<UnixStream, std::io::Error> {
-        UnixStream::connect(&self.socket).await
+        let at = crate::sock_path::SocketPath::new(&self.socket)?;
+        UnixStream::connect(at.as_path()).await
     }
 
     /// One request, one answer, bounded by `timeout`.

@@ -103,7 +103,10 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ShimError> {
         }
         _ => {}
     }
-    let listener = UnixListener::bind(&socket).map_err(io_err("bind socket", &socket))?;
+    let bind_at =
+        crate::sock_path::SocketPath::new(&socket).map_err(io_err("bind socket", &socket))?;
+    let listener = UnixListener::bind(bind_at.as_path()).map_err(io_err("bind socket", &socket))?;
+    drop(bind_at);
     let (events, _) = broadcast::channel(EVENT_CAPACITY);
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let server = Arc::new(Server {
