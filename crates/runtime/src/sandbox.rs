@@ -15,7 +15,6 @@ use k8s_cri::v1::{
 };
 
 use crate::error::{Result, RuntimeError};
-use crate::filters::{id_matches, labels_match};
 use crate::names::sandbox_name;
 use crate::records::{ProcessRef, SandboxMeta, SandboxStatus};
 use crate::state::SandboxState;
@@ -433,26 +432,16 @@ impl<S: Shim + 'static> Runtime<S> {
 
     /// ListPodSandbox.
     pub fn list_pod_sandbox(&self, filter: Option<&PodSandboxFilter>) -> Vec<PodSandbox> {
-        self.all_sandboxes()
+        self.filtered_sandboxes(filter)
             .into_iter()
-            .filter_map(|e| {
-                let state = e.status().state.to_cri() as i32;
-                if let Some(f) = filter
-                    && (!id_matches(&f.id, &e.meta.id)
-                        || f.state.as_ref().is_some_and(|s| s.state != state)
-                        || !labels_match(&f.label_selector, &e.meta.config.labels))
-                {
-                    return None;
-                }
-                Some(PodSandbox {
-                    id: e.meta.id.clone(),
-                    metadata: e.meta.config.metadata.clone(),
-                    state,
-                    created_at: e.meta.created_at,
-                    labels: e.meta.config.labels.clone(),
-                    annotations: e.meta.config.annotations.clone(),
-                    runtime_handler: e.meta.runtime_handler.clone(),
-                })
+            .map(|(e, state)| PodSandbox {
+                id: e.meta.id.clone(),
+                metadata: e.meta.config.metadata.clone(),
+                state,
+                created_at: e.meta.created_at,
+                labels: e.meta.config.labels.clone(),
+                annotations: e.meta.config.annotations.clone(),
+                runtime_handler: e.meta.runtime_handler.clone(),
             })
             .collect()
     }

@@ -1,5 +1,7 @@
 //! ListPodSandbox, encoded: each pod's entry is encoded once and reused (see `encoded`).
 
+use std::sync::Arc;
+
 use berth_shim::Shim;
 use k8s_cri::v1::{ListPodSandboxResponse, PodSandbox, PodSandboxFilter};
 
@@ -25,13 +27,12 @@ fn sandbox_prefab(e: &SandboxEntry) -> Prefab {
 }
 
 impl<S: Shim + 'static> Runtime<S> {
-    /// ListPodSandbox, encoded; the same entries and filters as [`Runtime::list_pod_sandbox`].
-    pub fn list_pod_sandbox_encoded(
+    /// The pods `filter` selects, each with its CRI state: what ListPodSandbox lists.
+    pub(crate) fn filtered_sandboxes(
         &self,
         filter: Option<&PodSandboxFilter>,
-    ) -> Encoded<ListPodSandboxResponse> {
-        let listed: Vec<_> = self
-            .all_sandboxes()
+    ) -> Vec<(Arc<SandboxEntry>, i32)> {
+        self.all_sandboxes()
             .into_iter()
             .filter_map(|e| {
                 let state = e.status().state.to_cri() as i32;
@@ -44,7 +45,15 @@ impl<S: Shim + 'static> Runtime<S> {
                 }
                 Some((e, state))
             })
-            .collect();
+            .collect()
+    }
+
+    /// ListPodSandbox, encoded; the same entries and filters as [`Runtime::list_pod_sandbox`].
+    pub fn list_pod_sandbox_encoded(
+        &self,
+        filter: Option<&PodSandboxFilter>,
+    ) -> Encoded<ListPodSandboxResponse> {
+        let listed = self.filtered_sandboxes(filter);
         let prefabs: Vec<_> = listed
             .iter()
             .map(|(e, state)| (e.listed.get_or_init(|| sandbox_prefab(e)), *state))
