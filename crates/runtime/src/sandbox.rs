@@ -2,7 +2,7 @@
 //! ListPodSandbox.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use berth_net::{NamespaceKind, PinRequest};
@@ -43,6 +43,13 @@ struct Partial {
     init: Option<ProcessRef>,
     /// The pinned netns once network setup was attempted (torn down before unpinning).
     network: Option<PathBuf>,
+}
+
+/// What [`Runtime::make_local_parts`] made.
+#[derive(Default)]
+struct LocalParts {
+    shm: Option<PathBuf>,
+    init: Option<ProcessRef>,
 }
 
 impl Partial {
@@ -228,30 +235,32 @@ impl<S: Shim + 'static> Runtime<S> {
             .map_err(|e| RuntimeError::TaskFailed(e.to_string()))?
             .map_err(RuntimeError::Net)?;
 
+        // The network (netlink, IPAM) and the pod's own pieces (files, shm, pod init: an
+        // exec) wait on different things, so they are made at the same time.
         // Host-network pods have no netns of their own and get no pod network.
-        if let Some(netns) = &pinned.net {
-            partial.network = Some(netns.clone());
-            self.setup_pod_network(id, &config, netns).await?;
-        }
-
-        let files = pod_files::write(&dir, &hostname, host_network, config.dns_config.as_ref())?;
-
-        let shm_dir = if host_ipc {
-            None
-        } else {
-            let target = dir.join("shm");
-            shm::mount_shm(&target)?;
-            partial.shm = Some(target.clone());
-            Some(target)
+        partial.network = pinned.net.clone();
+        let network = async {
+            match &pinned.net {
+                Some(netns) => self.setup_pod_network(id, &config, netns).await,
+                None => Ok(()),
+            }
         };
-
-        let pod_init = if ns.pid == NamespaceMode::Pod as i32 {
-            let init = pod_init::start(&self.config.pod_init_program, &dir).await?;
-            partial.init = Some(init);
-            Some(init)
-        } else {
-            None
-        };
+        let mut local = LocalParts::default();
+        let pieces = self.make_local_parts(
+            &dir,
+            &hostname,
+            host_network,
+            host_ipc,
+            &config,
+            &ns,
+            &mut local,
+        );
+        let (network, pieces) = tokio::join!(network, pieces);
+        partial.shm = local.shm.clone();
+        partial.init = local.init;
+        network?;
+        let files = pieces?;
+        let (shm_dir, pod_init) = (local.shm, local.init);
 
         let kubelet_parent =
             config.linux.as_ref().map(|l| l.cgroup_parent.clone()).unwrap_or_default();
@@ -282,6 +291,31 @@ impl<S: Shim + 'static> Runtime<S> {
             pod_init,
             config,
         })
+    }
+
+    /// The pod's files, its shm mount and, for a pod-wide PID namespace, its init process;
+    /// what was made lands in `made` even when a later step fails, for the undo.
+    #[allow(clippy::too_many_arguments)]
+    async fn make_local_parts(
+        &self,
+        dir: &Path,
+        hostname: &str,
+        host_network: bool,
+        host_ipc: bool,
+        config: &PodSandboxConfig,
+        ns: &NamespaceOption,
+        made: &mut LocalParts,
+    ) -> Result<pod_files::PodFiles> {
+        let files = pod_files::write(dir, hostname, host_network, config.dns_config.as_ref())?;
+        if !host_ipc {
+            let target = dir.join("shm");
+            shm::mount_shm(&target)?;
+            made.shm = Some(target);
+        }
+        if ns.pid == NamespaceMode::Pod as i32 {
+            made.init = Some(pod_init::start(&self.config.pod_init_program, dir).await?);
+        }
+        Ok(files)
     }
 
     /// StopPodSandbox: kills every container of the pod, the pod init, and unmounts the
