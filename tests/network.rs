@@ -213,12 +213,20 @@ async fn bridge_pods_reach_each_other_the_host_and_hostports() -> Result<()> {
         env.rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: server.clone() }).await?;
     }
     ensure!(pod_ips(&mut env, &server).await?.is_empty(), "stopped pod still has an IP");
-    names.wait_bridge_ports(1).await?;
+    ensure!(
+        eventually(Duration::from_secs(5), || names.bridge_ports().len() == 1).await,
+        "bridge ports: {:?}",
+        names.bridge_ports()
+    );
     let table = names.nft_table();
     ensure!(!table.contains(&format!("berth:pod:{server}")), "hostPort rule left: {table}");
     env.remove_pod(&server).await?;
     env.remove_pod(&client).await?;
-    names.wait_bridge_ports(0).await?;
+    ensure!(
+        eventually(Duration::from_secs(5), || names.bridge_ports().is_empty()).await,
+        "veths left: {:?}",
+        names.bridge_ports()
+    );
     Ok(())
 }
 
@@ -258,7 +266,11 @@ async fn bridge_addresses_are_released_reused_and_survive_restart() -> Result<()
     // Removing a pod frees its address for the next one.
     let (gone, freed) = pods.remove(1);
     env.remove_pod(&gone).await?;
-    names.wait_bridge_ports(4).await?;
+    ensure!(
+        eventually(Duration::from_secs(5), || names.bridge_ports().len() == 4).await,
+        "bridge ports: {:?}",
+        names.bridge_ports()
+    );
     let id = env.run_pod(env.pod_config("p5")).await?;
     ensure!(pod_ip(&mut env, &id).await? == freed, "the freed address {freed} was not reused");
     pods.push((id, freed));
@@ -266,7 +278,11 @@ async fn bridge_addresses_are_released_reused_and_survive_restart() -> Result<()
     for (id, _) in &pods {
         env.remove_pod(id).await?;
     }
-    names.wait_bridge_ports(0).await?;
+    ensure!(
+        eventually(Duration::from_secs(5), || names.bridge_ports().is_empty()).await,
+        "veths left: {:?}",
+        names.bridge_ports()
+    );
     Ok(())
 }
 
@@ -304,7 +320,11 @@ async fn cni_pods_reach_each_other_and_survive_restart() -> Result<()> {
     let client_ip = pod_ip(&mut env, &client).await?;
     env.remove_pod(&client).await?;
     ensure!(!ipam_holds(&ipam_dir, &client_ip), "host-local still holds {client_ip}");
-    names.wait_bridge_ports(0).await?;
+    ensure!(
+        eventually(Duration::from_secs(5), || names.bridge_ports().is_empty()).await,
+        "veths left: {:?}",
+        names.bridge_ports()
+    );
     ensure!(names.iptables_rules().is_empty(), "portmap rules left: {:?}", names.iptables_rules());
     ensure!(names.portmap_jumps().is_empty(), "portmap chains left: {:?}", names.portmap_jumps());
     Ok(())
@@ -382,6 +402,10 @@ async fn pod_cidr_from_the_kubelet_is_used_for_new_pods() -> Result<()> {
     let ip = pod_ip(&mut env, &id).await?;
     ensure!(cidr.contains(&ip), "{ip} not in the kubelet's pod CIDR {}", cidr.subnet());
     env.remove_pod(&id).await?;
-    names.wait_bridge_ports(0).await?;
+    ensure!(
+        eventually(Duration::from_secs(5), || names.bridge_ports().is_empty()).await,
+        "veths left: {:?}",
+        names.bridge_ports()
+    );
     Ok(())
 }

@@ -141,22 +141,6 @@ impl NetNames {
             .collect()
     }
 
-    /// Waits up to 5 s until `n` ports are on our bridge (pod links are deleted in the
-    /// background after StopPodSandbox) and says which are there if they never are.
-    pub async fn wait_bridge_ports(&self, n: usize) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            let ports = self.bridge_ports();
-            if ports.len() == n {
-                return Ok(());
-            }
-            if std::time::Instant::now() > deadline {
-                anyhow::bail!("expected {n} bridge ports, found {ports:?}");
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    }
-
     /// Whether our bridge exists.
     pub fn bridge_exists(&self) -> bool {
         run_quiet("ip", &["link", "show", "dev", &self.bridge])

@@ -69,6 +69,13 @@ impl Cri {
         })
     }
 
+    /// Removes `image`, ignoring errors: absent is what the callers want (NotFound
+    /// included).
+    pub async fn remove_image_quietly(&mut self, image: &str) {
+        let req = k8s_cri::v1::RemoveImageRequest { image: Some(image_spec(image)) };
+        let _ = self.img.remove_image(req).await;
+    }
+
     /// Pulls `image` unless the runtime already has it.
     pub async fn ensure_image(&mut self, image: &str) -> Result<()> {
         let req = PullImageRequest { image: Some(image_spec(image)), ..Default::default() };

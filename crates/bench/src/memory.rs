@@ -140,8 +140,7 @@ pub async fn run(cri: &Cri, run: &str, p: &Params, report: &mut Report) -> Resul
     let mut c = cri.clone();
     // A cold pull, so that "idle" includes what pulling leaves in the daemon, even when
     // the image was on disk from an earlier run.
-    let spec = crate::cri::image_spec(&p.image);
-    let _ = c.img.remove_image(k8s_cri::v1::RemoveImageRequest { image: Some(spec) }).await;
+    c.remove_image_quietly(&p.image).await;
     c.ensure_image(&p.image).await?;
     tokio::time::sleep(p.settle).await;
     let idle = process_mem(pid)?;

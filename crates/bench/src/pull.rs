@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use k8s_cri::v1::{PullImageRequest, RemoveImageRequest};
+use k8s_cri::v1::PullImageRequest;
 
 use crate::cri::{Cri, image_spec};
 use crate::report::Report;
@@ -15,7 +15,7 @@ pub async fn run(cri: &Cri, image: &str, repetitions: usize, report: &mut Report
     let mut cold = Samples::default();
     for _ in 0..repetitions.max(1) {
         // NotFound on the first round is fine: the point is that the image is absent.
-        let _ = c.img.remove_image(RemoveImageRequest { image: Some(image_spec(image)) }).await;
+        c.remove_image_quietly(image).await;
         cold.record("cold", pull(&mut c, image).await?);
     }
     let warm = pull(&mut c, image).await?;
@@ -26,7 +26,7 @@ pub async fn run(cri: &Cri, image: &str, repetitions: usize, report: &mut Report
     }
     report.push_ms(format!("pull {name} warm"), warm);
     // Leave the image absent, as the machine was before the first cold pull.
-    let _ = c.img.remove_image(RemoveImageRequest { image: Some(image_spec(image)) }).await;
+    c.remove_image_quietly(image).await;
     Ok(())
 }
 
