@@ -431,6 +431,22 @@ async fn container_errors() -> anyhow::Result<()> {
     assert_eq!(e.code(), Code::AlreadyExists);
     assert!(e.message().contains(&id), "{}", e.message());
 
+    // A command that does not exist: as containerd, the create succeeds (nothing runs
+    // yet) and the start fails, leaving the container exited with StartError.
+    let missing = env
+        .create(&pod, &pod_config, env.container_config("missing", &["/no/such/command"]))
+        .await?;
+    let e = env
+        .rt
+        .start_container(StartContainerRequest { container_id: missing.clone() })
+        .await
+        .expect_err("start of a missing command");
+    assert!(e.message().contains("no/such/command"), "{}", e.message());
+    let s = env.status(&missing).await?;
+    assert_eq!(s.state, ContainerState::ContainerExited as i32, "{s:?}");
+    assert_eq!((s.exit_code, s.reason.as_str()), (128, "StartError"), "{s:?}");
+    env.rt.remove_container(RemoveContainerRequest { container_id: missing }).await?;
+
     // Unknown container ids.
     let unknown = "b".repeat(64);
     let e = env
@@ -511,34 +527,48 @@ async fn update_container_resources_changes_the_cgroup() -> anyhow::Result<()> {
     let mut env = Env::start().await?;
     let pod_config = env.pod_config("update");
     let pod = env.run_pod(pod_config.clone()).await?;
-    let ctr =
+    let running =
         env.run(&pod, &pod_config, env.container_config("c", &["/bin/sleep", "1000"])).await?;
-    let resources = LinuxContainerResources {
-        memory_limit_in_bytes: 64 << 20,
-        cpu_shares: 512,
-        ..Default::default()
-    };
-    env.rt
-        .update_container_resources(UpdateContainerResourcesRequest {
-            container_id: ctr.clone(),
-            linux: Some(resources.clone()),
+    // A created container has no cgroup yet: its update must reach the cgroup its start
+    // makes.
+    let created =
+        env.create(&pod, &pod_config, env.container_config("d", &["/bin/sleep", "1000"])).await?;
+    for (ctr, limit_mib, shares) in [(&running, 64u64, 512), (&created, 48, 256)] {
+        let resources = LinuxContainerResources {
+            memory_limit_in_bytes: (limit_mib << 20) as i64,
+            cpu_shares: shares,
             ..Default::default()
-        })
-        .await?;
-    let verbose = env
-        .rt
-        .container_status(ContainerStatusRequest { container_id: ctr.clone(), verbose: true })
-        .await?
-        .into_inner();
-    let info: serde_json::Value = serde_json::from_str(&verbose.info["info"])?;
-    let cgroup = info["cgroupsPath"].as_str().expect("cgroupsPath").trim_start_matches('/');
-    let limit =
-        std::fs::read_to_string(format!("/sys/fs/cgroup/memory/{cgroup}/memory.limit_in_bytes"))?;
-    assert_eq!(limit.trim(), (64u64 << 20).to_string());
-    let shares = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{cgroup}/cpu.shares"))?;
-    assert_eq!(shares.trim(), "512");
-    let s = verbose.status.expect("status");
-    assert_eq!(s.resources.and_then(|r| r.linux).map(|l| l.memory_limit_in_bytes), Some(64 << 20));
+        };
+        env.rt
+            .update_container_resources(UpdateContainerResourcesRequest {
+                container_id: ctr.clone(),
+                linux: Some(resources.clone()),
+                ..Default::default()
+            })
+            .await?;
+        if ctr == &created {
+            env.rt.start_container(StartContainerRequest { container_id: ctr.clone() }).await?;
+        }
+        let verbose = env
+            .rt
+            .container_status(ContainerStatusRequest { container_id: ctr.clone(), verbose: true })
+            .await?
+            .into_inner();
+        let info: serde_json::Value = serde_json::from_str(&verbose.info["info"])?;
+        let cgroup = info["cgroupsPath"].as_str().expect("cgroupsPath").trim_start_matches('/');
+        let limit = std::fs::read_to_string(format!(
+            "/sys/fs/cgroup/memory/{cgroup}/memory.limit_in_bytes"
+        ))?;
+        assert_eq!(limit.trim(), (limit_mib << 20).to_string());
+        let cpu_shares =
+            std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{cgroup}/cpu.shares"))?;
+        assert_eq!(cpu_shares.trim(), shares.to_string());
+        let s = verbose.status.expect("status");
+        assert_eq!(
+            s.resources.and_then(|r| r.linux).map(|l| l.memory_limit_in_bytes),
+            Some((limit_mib << 20) as i64)
+        );
+    }
     env.remove_pod(&pod).await?;
     Ok(())
 }

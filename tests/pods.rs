@@ -342,7 +342,7 @@ async fn crun_handler_runs_containers() -> anyhow::Result<()> {
             assert_eq!(s.exit_code, 7);
         }
         // crun refuses cgroup v1/v2 hybrid hosts: then it was at least crun that ran.
-        Err(e) if e.to_string().contains("crun create") && e.to_string().contains("hybrid") => {
+        Err(e) if e.to_string().contains("crun run") && e.to_string().contains("hybrid") => {
             eprintln!("crun cannot run containers on this host: {e}");
         }
         Err(e) => return Err(e),

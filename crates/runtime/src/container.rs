@@ -48,7 +48,6 @@ pub(crate) fn parse_signal(text: &str) -> Option<i32> {
 struct Partial {
     bundle: Option<PathBuf>,
     rootfs: bool,
-    task: bool,
 }
 
 /// Deletes `entry`'s task once: the shim's delete (which runs `<runtime> delete`), then, for
@@ -72,7 +71,7 @@ pub(crate) async fn delete_task<S: Shim>(shim: &S, entry: &ContainerEntry) -> Re
 
 /// `<runtime> delete --force <id>` if the runtime still has state for the container (a task
 /// left by a previous berthd), ignoring "does not exist".
-async fn runtime_delete_orphan(entry: &ContainerEntry) {
+pub(crate) async fn runtime_delete_orphan(entry: &ContainerEntry) {
     let state_dir = entry.meta.runtime_root.join(&entry.meta.id);
     if !state_dir.exists() {
         return;
@@ -98,11 +97,6 @@ async fn runtime_delete_orphan(entry: &ContainerEntry) {
 
 impl<S: Shim + 'static> Runtime<S> {
     async fn undo_create(&self, id: &str, partial: &Partial) {
-        if partial.task
-            && let Err(e) = self.shim.delete(id).await
-        {
-            tracing::warn!(container_id = %id, error = %e, "undo: cannot delete task");
-        }
         if let Some(bundle) = &partial.bundle {
             if partial.rootfs
                 && let Err(e) = self.snapshots.remove_rootfs(id, &bundle.join("rootfs"))
@@ -161,8 +155,8 @@ impl<S: Shim + 'static> Runtime<S> {
         })
     }
 
-    /// CreateContainer: validates, reserves the name, mounts the rootfs, writes the bundle
-    /// and creates the task. A retry of a create whose config is identical to the one holding
+    /// CreateContainer: validates, reserves the name, mounts the rootfs and writes the bundle
+    /// (the task is made by StartContainer, as containerd does). A retry of a create whose config is identical to the one holding
     /// the name gets that container's id (the kubelet timed out on the first call).
     pub async fn create_container(self: &Arc<Self>, req: CreateContainerRequest) -> Result<String> {
         if req.pod_sandbox_id.is_empty() {
@@ -324,24 +318,6 @@ impl<S: Shim + 'static> Runtime<S> {
             .and_then(|c| c.stop_signal().as_deref().and_then(parse_signal))
             .unwrap_or(libc::SIGTERM);
         let runtime_root = self.config.state_dir.join("runtime").join(&handler);
-        // The external shim runs a pod's containers in that pod's shim process.
-        self.shim.bind_container(id, &sandbox.meta.id);
-        let pid = self
-            .shim
-            .create(CreateTask {
-                id: id.to_owned(),
-                bundle: bundle.clone(),
-                runtime: runtime.clone(),
-                runtime_root: runtime_root.clone(),
-                log_path: log_path.clone(),
-                memory_cgroup: Some(cgroups::memory_dir(&cgroups_path, self.cgroup_v2)),
-                tty: config.tty,
-                stdin: config.stdin,
-            })
-            .await
-            .map_err(RuntimeError::Shim)?;
-        partial.task = true;
-        let t_task = t0.elapsed();
 
         let meta = ContainerMeta {
             id: id.to_owned(),
@@ -359,13 +335,11 @@ impl<S: Shim + 'static> Runtime<S> {
             runtime_root,
             stop_signal,
         };
-        let status = ContainerStatus {
-            state: ContainerState::Created,
-            process: Some(ProcessRef { pid, start_time: process_start_time(pid) }),
-            ..Default::default()
-        };
+        // No runtime process yet: as containerd, the task is made (and started in the same
+        // runtime call) by StartContainer.
+        let status = ContainerStatus { state: ContainerState::Created, ..Default::default() };
         blocking(|| self.store.create_container(&meta, &status))?;
-        tracing::debug!(container_id = %id, rootfs = ?t_rootfs, spec = ?t_spec, task = ?t_task, total = ?t0.elapsed(), "create timings");
+        tracing::debug!(container_id = %id, rootfs = ?t_rootfs, spec = ?t_spec, total = ?t0.elapsed(), "create timings");
         tracing::info!(container_id = %id, pod_id = %meta.sandbox_id, name = %meta.name, "container created");
         Ok(ContainerEntry::new(meta, status))
     }
@@ -374,39 +348,59 @@ impl<S: Shim + 'static> Runtime<S> {
         self.find_container(id).ok_or_else(|| RuntimeError::ContainerNotFound(id.to_owned()))
     }
 
-    /// StartContainer: created → running.
+    /// StartContainer: created → running. The task is created and started by one runtime
+    /// call (`run --detach`), in the pod's shim.
     pub async fn start_container(&self, id: &str) -> Result<()> {
         let entry = self.get_container(id)?;
+        let sandbox = self
+            .sandbox(&entry.meta.sandbox_id)
+            .ok_or_else(|| RuntimeError::SandboxNotFound(entry.meta.sandbox_id.clone()))?;
+        // The pod's lock first, as everywhere: its namespaces stay while the task is made.
+        let _pod = sandbox.op.read().await;
         let _op = entry.op.lock().await;
-        let state = entry.status().state;
-        if !state.can_start() {
+        let status = entry.status();
+        if !status.state.can_start() {
             return Err(RuntimeError::WrongState {
                 id: entry.meta.id.clone(),
-                state: state.name(),
+                state: status.state.name(),
                 action: "start",
             });
         }
-        if let Err(e) = self.shim.start(&entry.meta.id).await {
-            // As containerd: a container that failed to start is exited with StartError.
-            let message = e.to_string();
-            self.update_container(&entry, |s| {
-                if !s.state.can_exit() {
-                    return false;
-                }
-                s.state = ContainerState::Exited;
-                s.finished_at = now_ns();
-                s.exit_code = 128;
-                s.reason = "StartError".into();
-                s.message = message;
-                true
-            })?;
-            self.refresh_gauges();
-            // Nothing will run in it any more: free the runtime's state (and a runtime
-            // init still waiting to start) now.
-            self.spawn_task_delete(entry.clone());
-            return Err(RuntimeError::Shim(e));
+        if !sandbox.status().state.can_create_containers() {
+            return Err(RuntimeError::SandboxNotReady(sandbox.meta.id.clone()));
         }
+        let t0 = std::time::Instant::now();
+        let started = match status.process {
+            // Created by a berthd from before the create/start split: its init waits.
+            Some(_) => self.shim.start(&entry.meta.id).await.map(|()| None),
+            None => self.run_task(&entry).await.map(Some),
+        };
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                // As containerd: a container that failed to start is exited with StartError.
+                let message = e.to_string();
+                self.update_container(&entry, |s| {
+                    if !s.state.can_exit() {
+                        return false;
+                    }
+                    s.state = ContainerState::Exited;
+                    s.finished_at = now_ns();
+                    s.exit_code = 128;
+                    s.reason = "StartError".into();
+                    s.message = message;
+                    true
+                })?;
+                self.refresh_gauges();
+                // Nothing will run in it any more: free the runtime's state (and a runtime
+                // init still waiting to start) now.
+                self.spawn_task_delete(entry.clone());
+                return Err(RuntimeError::Shim(e));
+            }
+        };
+        let t_task = t0.elapsed();
         let started = now_ns();
+        let process = pid.map(|pid| ProcessRef { pid, start_time: process_start_time(pid) });
         // The process may already have exited (and been recorded): keep that, but note the
         // start time.
         self.update_container(&entry, |s| {
@@ -416,12 +410,40 @@ impl<S: Shim + 'static> Runtime<S> {
                 _ => return false,
             }
             s.started_at = started;
+            if process.is_some() {
+                s.process = process;
+            }
             true
         })?;
+        tracing::debug!(container_id = %entry.meta.id, task = ?t_task, total = ?t0.elapsed(), "start timings");
         tracing::info!(container_id = %entry.meta.id, "container started");
         self.refresh_gauges();
         self.publish(&entry, ContainerEventType::ContainerStartedEvent);
         Ok(())
+    }
+
+    /// Creates and starts the container's task: one `<runtime> run --detach`. Returns the
+    /// PID of its main process.
+    async fn run_task(&self, entry: &ContainerEntry) -> std::result::Result<u32, ShimError> {
+        let m = &entry.meta;
+        // A crash of an earlier berthd in the middle of this call may have left the
+        // runtime's container (even running): it must go before the id is used again.
+        runtime_delete_orphan(entry).await;
+        // The external shim runs a pod's containers in that pod's shim process.
+        self.shim.bind_container(&m.id, &m.sandbox_id);
+        self.shim
+            .create(CreateTask {
+                id: m.id.clone(),
+                bundle: m.bundle.clone(),
+                runtime: m.runtime.clone(),
+                runtime_root: m.runtime_root.clone(),
+                log_path: m.log_path.clone(),
+                memory_cgroup: Some(cgroups::memory_dir(&m.cgroups_path, self.cgroup_v2)),
+                tty: m.config.tty,
+                stdin: m.config.stdin,
+                start: true,
+            })
+            .await
     }
 
     /// StopContainer: the stop signal, up to `timeout` seconds, then SIGKILL. Idempotent.

@@ -148,6 +148,15 @@ pub enum RuntimeError {
         #[source]
         source: serde_json::Error,
     },
+    /// A container's bundle spec (written by berthd) cannot be decoded.
+    #[error("the OCI spec {path} cannot be read back")]
+    BundleSpec {
+        /// The `config.json`.
+        path: PathBuf,
+        /// The decoding error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// A spec or record could not be serialised.
     #[error("serialise {what}")]
     Serialize {
@@ -222,6 +231,7 @@ impl RuntimeError {
             | Store { .. }
             | CorruptRecord { .. }
             | Serialize { .. }
+            | BundleSpec { .. }
             | Io { .. }
             | Sys { .. }
             | PodInit { .. }

@@ -1,11 +1,13 @@
 //! ExecSync, ReopenContainerLog, UpdateContainerResources: calls on a running container.
 
+use std::path::Path;
 use std::time::Duration;
 
 use berth_shim::Shim;
 use k8s_cri::v1::{ExecSyncResponse, LinuxContainerResources};
 
 use crate::error::{Result, RuntimeError};
+use crate::state::ContainerState;
 use crate::util::write_atomic;
 use crate::{ContainerEntry, Runtime};
 
@@ -80,40 +82,122 @@ impl<S: Shim + 'static> Runtime<S> {
             .find_container(id)
             .ok_or_else(|| RuntimeError::ContainerNotFound(id.to_owned()))?;
         let _op = entry.op.lock().await;
-        let state = entry.status().state;
+        let status = entry.status();
         let oci = berth_oci::resources::resources(&resources, self.cgroup_v2)
             .map_err(RuntimeError::ContainerConfig)?;
-        if matches!(
-            state,
-            crate::state::ContainerState::Running | crate::state::ContainerState::Created
-        ) {
-            let file = entry.meta.bundle.join("resources.json");
-            let json = serde_json::to_vec(&oci)
-                .map_err(|source| RuntimeError::Serialize { what: "resources", source })?;
-            write_atomic(&file, &json)?;
-            let mut cmd = std::process::Command::new(&entry.meta.runtime);
-            cmd.arg("--root")
-                .arg(&entry.meta.runtime_root)
-                .arg("update")
-                .arg("--resources")
-                .arg(&file)
-                .arg(&entry.meta.id);
-            let out = berth_shim::run_captured(cmd, Some(Duration::from_secs(30)))
-                .await
-                .map_err(RuntimeError::Shim)?;
-            if out.code != 0 {
-                return Err(RuntimeError::Shim(berth_shim::ShimError::RuntimeFailed {
-                    command: format!("{} update", entry.meta.runtime.display()),
-                    id: entry.meta.id.clone(),
-                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                    code: out.code,
-                }));
+        match status.state {
+            // No task yet: the spec StartContainer runs it with takes the new resources.
+            ContainerState::Created if status.process.is_none() => {
+                let bundle = entry.meta.bundle.clone();
+                tokio::task::spawn_blocking(move || update_spec_resources(&bundle, oci))
+                    .await
+                    .map_err(|e| RuntimeError::TaskFailed(e.to_string()))??;
             }
+            ContainerState::Running | ContainerState::Created => {
+                self.runtime_update(&entry, &oci).await?
+            }
+            ContainerState::Exited | ContainerState::Unknown => {}
         }
         self.update_container(&entry, |s| {
             s.resources = Some(resources);
             true
         })?;
         Ok(())
+    }
+}
+
+impl<S: Shim + 'static> Runtime<S> {
+    /// `<runtime> update --resources <file>` for the container's task.
+    async fn runtime_update(
+        &self,
+        entry: &ContainerEntry,
+        oci: &oci_spec::runtime::LinuxResources,
+    ) -> Result<()> {
+        let file = entry.meta.bundle.join("resources.json");
+        let json = serde_json::to_vec(oci)
+            .map_err(|source| RuntimeError::Serialize { what: "resources", source })?;
+        write_atomic(&file, &json)?;
+        let mut cmd = std::process::Command::new(&entry.meta.runtime);
+        cmd.arg("--root")
+            .arg(&entry.meta.runtime_root)
+            .arg("update")
+            .arg("--resources")
+            .arg(&file)
+            .arg(&entry.meta.id);
+        let out = berth_shim::run_captured(cmd, Some(Duration::from_secs(30)))
+            .await
+            .map_err(RuntimeError::Shim)?;
+        if out.code != 0 {
+            return Err(RuntimeError::Shim(berth_shim::ShimError::RuntimeFailed {
+                command: format!("{} update", entry.meta.runtime.display()),
+                id: entry.meta.id.clone(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                code: out.code,
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// Puts `new` into the bundle's `config.json` as `<runtime> update` would apply it: the
+/// fields it sets replace the spec's, the rest (the device rules) stay.
+fn update_spec_resources(bundle: &Path, new: oci_spec::runtime::LinuxResources) -> Result<()> {
+    let path = bundle.join("config.json");
+    let data = std::fs::read(&path).map_err(RuntimeError::io("read", &path))?;
+    let mut spec: oci_spec::runtime::Spec = serde_json::from_slice(&data)
+        .map_err(|source| RuntimeError::BundleSpec { path: path.clone(), source })?;
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut resources = linux.resources().clone().unwrap_or_default();
+    merge_resources(&mut resources, new);
+    linux.set_resources(Some(resources));
+    spec.set_linux(Some(linux));
+    let json = serde_json::to_vec(&spec)
+        .map_err(|source| RuntimeError::Serialize { what: "OCI spec", source })?;
+    write_atomic(&path, &json)
+}
+
+/// The fields `new` sets replace those of `spec`.
+fn merge_resources(
+    spec: &mut oci_spec::runtime::LinuxResources,
+    new: oci_spec::runtime::LinuxResources,
+) {
+    if let Some(cpu) = new.cpu() {
+        spec.set_cpu(Some(cpu.clone()));
+    }
+    if let Some(memory) = new.memory() {
+        spec.set_memory(Some(*memory));
+    }
+    if let Some(pids) = new.pids() {
+        spec.set_pids(Some(*pids));
+    }
+    if let Some(hugepages) = new.hugepage_limits() {
+        spec.set_hugepage_limits(Some(hugepages.clone()));
+    }
+    if let Some(unified) = new.unified() {
+        spec.set_unified(Some(unified.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use oci_spec::runtime::{LinuxDeviceCgroup, LinuxMemoryBuilder, LinuxResourcesBuilder};
+
+    use super::*;
+
+    #[test]
+    fn merge_keeps_device_rules_and_replaces_what_is_set() {
+        let deny_all = LinuxDeviceCgroup::default();
+        let mut spec = LinuxResourcesBuilder::default()
+            .devices(vec![deny_all.clone()])
+            .memory(LinuxMemoryBuilder::default().limit(1 << 20).build().expect("memory"))
+            .build()
+            .expect("resources");
+        let new = LinuxResourcesBuilder::default()
+            .memory(LinuxMemoryBuilder::default().limit(2 << 20).build().expect("memory"))
+            .build()
+            .expect("resources");
+        merge_resources(&mut spec, new);
+        assert_eq!(spec.devices().as_deref(), Some(&[deny_all][..]));
+        assert_eq!(spec.memory().and_then(|m| m.limit()), Some(2 << 20));
     }
 }

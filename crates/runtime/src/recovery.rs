@@ -93,8 +93,17 @@ impl<S: Shim + 'static> Runtime<S> {
         // berthd was down, or a background delete that berthd's stop interrupted). In the
         // background: removal waits for it, nothing else needs it.
         for entry in self.all_containers() {
-            if entry.state() == ContainerState::Exited {
-                self.spawn_task_delete(entry);
+            match entry.state() {
+                ContainerState::Exited => self.spawn_task_delete(entry),
+                // Never started, but a StartContainer the crash interrupted may have left
+                // the runtime's container, even running: remove it, so the record's
+                // "created" is true and a retried start can use the id.
+                ContainerState::Created
+                    if entry.status().process.is_none() && !tasks.contains_key(&entry.meta.id) =>
+                {
+                    crate::container::runtime_delete_orphan(&entry).await
+                }
+                _ => {}
             }
         }
         for entry in self.all_sandboxes() {
@@ -179,6 +188,10 @@ impl<S: Shim + 'static> Runtime<S> {
                 })?;
                 tracing::info!(container_id = %id, pid, "reattached to container");
                 Ok(Settled::Alive)
+            }
+            // Created and never started: no process was recorded because none ran.
+            None if status.process.is_none() && status.state == ContainerState::Created => {
+                Ok(Settled::Unchanged)
             }
             None => {
                 let alive = status.process.is_some_and(|p| process_alive(p.pid, p.start_time));

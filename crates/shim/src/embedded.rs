@@ -163,7 +163,12 @@ impl EmbeddedShim {
         // container gets a pty instead and we get its master through the console socket.
         let console = if t.tty { Some(ConsoleSocket::bind(&self.state_dir)?) } else { None };
         let mut cmd = runtime.base(Some(&create_log));
-        cmd.arg("create").arg("--bundle").arg(&t.bundle).arg("--pid-file").arg(&pid_file);
+        let sub = if t.start { "run" } else { "create" };
+        cmd.arg(sub);
+        if t.start {
+            cmd.arg("--detach");
+        }
+        cmd.arg("--bundle").arg(&t.bundle).arg("--pid-file").arg(&pid_file);
         if let Some(console) = &console {
             cmd.arg("--console-socket").arg(console.path());
         }
@@ -226,7 +231,7 @@ impl EmbeddedShim {
         if reaped.code != 0 {
             copiers.iter().for_each(|h| h.abort());
             let text = std::fs::read_to_string(&create_log).unwrap_or_default();
-            let err = runtime.failed("create", &id, reaped.code, &text);
+            let err = runtime.failed(sub, &id, reaped.code, &text);
             // Clean up a half-created container, but never one that existed before us.
             if !text.contains("already exists") {
                 let _ = runtime_delete(&runtime, &id).await;
@@ -282,14 +287,14 @@ impl EmbeddedShim {
             runtime,
             dir,
             pid,
-            started: AtomicBool::new(false),
+            started: AtomicBool::new(t.start),
             exit: exit_rx,
             log,
             stdin: Mutex::new(stdin_keep),
             background: Mutex::new(background),
         });
         lock(&self.tasks).insert(id.clone(), task);
-        tracing::debug!(id, pid, "task created");
+        tracing::debug!(id, pid, started = t.start, "task created");
         Ok(pid)
     }
 

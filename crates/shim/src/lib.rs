@@ -72,6 +72,9 @@ pub struct CreateTask {
     pub tty: bool,
     /// Keep stdin open.
     pub stdin: bool,
+    /// Start it as well (`<runtime> run --detach`): one runtime process instead of a
+    /// `create` and a `start`, which is how StartContainer makes a task.
+    pub start: bool,
 }
 
 /// The state of a task as the shim knows it.
@@ -124,7 +127,8 @@ pub struct ExecOutput {
 /// The interface berth's runtime uses to run containers.
 #[allow(async_fn_in_trait)]
 pub trait Shim: Send + Sync {
-    /// `<runtime> create`: the process exists, stopped before the user's command.
+    /// `<runtime> create`: the process exists, stopped before the user's command. With
+    /// [`CreateTask::start`], `<runtime> run --detach`: the user's command runs.
     fn create(
         &self,
         task: CreateTask,

@@ -64,6 +64,7 @@ impl Fixture {
             memory_cgroup: None,
             tty: false,
             stdin: false,
+            start: false,
         }
     }
     async fn create_and_start(&self, shim: &ExternalShim) -> u32 {

@@ -42,6 +42,7 @@ impl Fixture {
             memory_cgroup: self.cgroup.clone(),
             tty: false,
             stdin: false,
+            start: false,
         }
     }
 
@@ -141,6 +142,28 @@ async fn run_exit_code_and_logs() {
     assert!(matches!(f.shim.state(&f.id).await, Err(ShimError::NotFound { .. })));
     f.shim.delete(&f.id).await.unwrap();
     assert!(!f.dir.path().join("state").join(&f.id).exists());
+}
+
+/// `start` set: one `runc run --detach`; the task is running when create returns, and a
+/// process that exits at once still has its exit and logs.
+#[tokio::test]
+async fn run_in_one_call() {
+    if !available() {
+        return;
+    }
+    let f = fixture("run", &["/bin/sh", "-c", "echo ran; exit 5"], None);
+    let pid = f.shim.create(CreateTask { start: true, ..f.task() }).await.expect("run");
+    match f.shim.state(&f.id).await.unwrap() {
+        TaskState::Running { pid: p } => assert_eq!(p, pid),
+        TaskState::Exited(exit) => assert_eq!(exit.code, 5),
+        other => panic!("not started: {other:?}"),
+    }
+    // Already started: a start is refused by the runtime, or finds the task exited.
+    assert!(f.shim.start(&f.id).await.is_err());
+    let exit = f.shim.wait(&f.id, Duration::from_secs(30)).await.unwrap().expect("exited");
+    assert_eq!(exit.code, 5);
+    assert_eq!(read_log(&f.log_path()), vec![rec("stdout", "F", "ran")]);
+    f.shim.delete(&f.id).await.unwrap();
 }
 
 #[tokio::test]

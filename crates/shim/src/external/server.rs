@@ -183,14 +183,13 @@ impl Server {
 
     async fn create(&self, r: proto::CreateRequest) -> Result<proto::Response, ShimError> {
         let task = create_task(r);
-        let id = task.id.clone();
+        let (id, started) = (task.id.clone(), task.start);
         let (runtime, runtime_root, bundle) =
             (task.runtime.clone(), task.runtime_root.clone(), task.bundle.clone());
         let pid = self.shim.create(task).await?;
         let mut records = lock(&self.records);
         let exit = records.exits.get(&id).copied();
-        let rec =
-            TaskRecord { id: id.clone(), pid, runtime, runtime_root, bundle, started: false, exit };
+        let rec = TaskRecord { id: id.clone(), pid, runtime, runtime_root, bundle, started, exit };
         let written = state_file::write(&self.tasks_dir, &rec);
         records.tasks.insert(id, rec);
         // Without its record berthd could not learn this task's exit after a crash: report it.

@@ -95,6 +95,7 @@ pub fn create_request(t: &CreateTask) -> proto::CreateRequest {
         memory_cgroup: t.memory_cgroup.as_deref().map(path_bytes).unwrap_or_default(),
         tty: t.tty,
         stdin: t.stdin,
+        start: t.start,
     }
 }
 
@@ -109,6 +110,7 @@ pub fn create_task(r: proto::CreateRequest) -> CreateTask {
         memory_cgroup: opt_path(&r.memory_cgroup),
         tty: r.tty,
         stdin: r.stdin,
+        start: r.start,
     }
 }
 
@@ -305,6 +307,7 @@ mod tests {
             memory_cgroup: None,
             tty: true,
             stdin: false,
+            start: true,
         };
         let back = create_task(create_request(&t));
         assert_eq!(format!("{back:?}"), format!("{t:?}"));
