@@ -42,6 +42,23 @@ pub(crate) async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32
     }
 }
 
+/// The index of link `name` and whether it is up, or `None` if there is none.
+pub(crate) async fn link_state(
+    handle: &Handle,
+    name: &str,
+) -> Result<Option<(u32, bool)>, NetworkError> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(Some((
+            msg.header.index,
+            msg.header.flags.contains(netlink_packet_route::link::LinkFlags::Up),
+        ))),
+        Ok(None) => Ok(None),
+        Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(NetworkError::netlink("get link", name, e)),
+    }
+}
+
 /// Sets a link up.
 pub(crate) async fn set_up(handle: &Handle, index: u32, name: &str) -> Result<(), NetworkError> {
     handle

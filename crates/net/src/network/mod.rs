@@ -72,6 +72,15 @@ struct HostState {
     nat_subnets: Option<Vec<IpNet>>,
 }
 
+/// The bridge as the last full check left it: its index and the gateway addresses put on
+/// it. While the bridge of that index is up, a pod setup skips re-adding them (two netlink
+/// round trips); a bridge deleted and re-made (new index) or set down gets the full check.
+#[derive(Debug, Default)]
+struct BridgeChecked {
+    index: u32,
+    gateways: Vec<IpNet>,
+}
+
 /// Sets up and tears down pod networks.
 pub struct NetworkManager {
     config: NetworkConfig,
@@ -81,6 +90,7 @@ pub struct NetworkManager {
     runner: Arc<dyn CommandRunner>,
     nat: OnceLock<Nat>,
     host: tokio::sync::Mutex<HostState>,
+    bridge_checked: std::sync::Mutex<Option<BridgeChecked>>,
     locks: PodLocks,
     /// Pods whose bridge links are being deleted in the background.
     releasing: Releasing,
@@ -128,6 +138,7 @@ impl NetworkManager {
             runner,
             nat: OnceLock::new(),
             host: tokio::sync::Mutex::new(HostState::default()),
+            bridge_checked: std::sync::Mutex::new(None),
             locks: PodLocks::default(),
             releasing: Releasing::default(),
         })
@@ -336,6 +347,7 @@ impl NetworkManager {
             complete: false,
         };
         let subnets = self.current_subnets();
+        let t0 = std::time::Instant::now();
         let mut rec = match self.ipam.allocate(template.clone(), &subnets) {
             // Addresses of pods stopped a moment ago come free once their links are gone.
             Err(NetworkError::Exhausted { .. }) if !self.releasing.is_empty() => {
@@ -347,10 +359,13 @@ impl NetworkManager {
         // An interrupted earlier attempt may have left a record with other mappings.
         rec.port_mappings = pod.port_mappings.clone();
         rec.netns = pod.netns.clone();
+        let t_allocate = t0.elapsed();
         match self.plumb(&rec).await {
             Ok(()) => {
+                let t_plumb = t0.elapsed();
                 rec.complete = true;
                 self.ipam.update(&rec)?;
+                tracing::debug!(pod_id = %pod.pod_id, allocate = ?t_allocate, plumb = ?t_plumb, total = ?t0.elapsed(), "bridge setup timings");
                 tracing::info!(pod_id = %pod.pod_id, addresses = ?rec.addresses, "pod network set up");
                 status_of(&rec)
             }
@@ -375,12 +390,15 @@ impl NetworkManager {
             .zip(&rec.gateways)
             .filter_map(|(a, g)| IpNet::new(*g, a.prefix_len()).ok())
             .collect();
+        let t0 = std::time::Instant::now();
         let handle = bridge::connect(&rec.pod_id)?;
-        let bridge_index = bridge::ensure_bridge(&handle, &rec.bridge, &gateway_nets).await?;
+        let bridge_index = self.bridge_index(&handle, &rec.bridge, &gateway_nets).await?;
         let v6 = rec.addresses.iter().any(|a| a.addr().is_ipv6());
         bridge::enable_forwarding(&rec.bridge, v6)?;
         self.ensure_nat(rec).await?;
+        let t_host = t0.elapsed();
         veth::create_pair(&handle, &rec.pod_id, &rec.netns, &rec.host_veth, bridge_index).await?;
+        let t_pair = t0.elapsed();
         veth::configure_pod_side(
             &rec.pod_id,
             &rec.netns,
@@ -388,6 +406,7 @@ impl NetworkManager {
             rec.gateways.clone(),
         )
         .await?;
+        tracing::trace!(pod_id = %rec.pod_id, host = ?t_host, pair = ?t_pair, pod_side = ?t0.elapsed(), "plumb timings");
         // Pods without hostPorts have no rules of their own: skipping nft for them keeps
         // two process spawns off every RunPodSandbox and StopPodSandbox.
         let rules = hostport_rules(rec);
@@ -395,6 +414,40 @@ impl NetworkManager {
             self.nat().set_pod(&rec.pod_id, &rules).await?;
         }
         Ok(())
+    }
+
+    /// Makes sure the bridge exists, is up and carries `gateways`; returns its index. One
+    /// netlink round trip while nothing changed since the last full check.
+    async fn bridge_index(
+        &self,
+        handle: &rtnetlink::Handle,
+        name: &str,
+        gateways: &[IpNet],
+    ) -> Result<u32, NetworkError> {
+        let checked = |index: u32| {
+            let last = self.bridge_checked.lock().unwrap_or_else(|e| e.into_inner());
+            last.as_ref().is_some_and(|b| {
+                b.index == index && gateways.iter().all(|g| b.gateways.contains(g))
+            })
+        };
+        if let Some((index, true)) = bridge::link_state(handle, name).await?
+            && checked(index)
+        {
+            return Ok(index);
+        }
+        let index = bridge::ensure_bridge(handle, name, gateways).await?;
+        let mut last = self.bridge_checked.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_mut() {
+            Some(b) if b.index == index => {
+                for g in gateways {
+                    if !b.gateways.contains(g) {
+                        b.gateways.push(*g);
+                    }
+                }
+            }
+            _ => *last = Some(BridgeChecked { index, gateways: gateways.to_vec() }),
+        }
+        Ok(index)
     }
 
     /// Makes sure the masquerade rules cover the record's subnets.

@@ -40,8 +40,8 @@ fn open_netns(pod_id: &str, netns: &Path) -> Result<std::fs::File, NetworkError>
 }
 
 /// Creates the veth pair `host` <-> `eth0`, with `eth0` created directly inside the pod's
-/// netns (so no temporary name ever appears on the host), and attaches `host` to the bridge
-/// and sets it up. A leftover `host` link from an interrupted setup is replaced.
+/// netns (so no temporary name ever appears on the host), and `host` attached to the bridge
+/// and up: one netlink request (the kernel applies the master and the flags at creation). A leftover `host` link from an interrupted setup is replaced.
 pub(crate) async fn create_pair(
     handle: &Handle,
     pod_id: &str,
@@ -51,38 +51,29 @@ pub(crate) async fn create_pair(
 ) -> Result<(), NetworkError> {
     let ns = open_netns(pod_id, netns)?;
     let build = || {
+        // The peer cannot come up at creation (the kernel answers ENOTCONN when it lives in
+        // another netns): `configure_pod_side` sets it up.
         let peer =
             LinkUnspec::new_with_name(POD_IFNAME).setns_by_fd(ns.as_fd().as_raw_fd()).build();
         LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(host.to_owned())
+            .controller(bridge_index)
+            .up()
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .build()
     };
     match handle.link().add(build()).execute().await {
-        Ok(()) => {}
+        Ok(()) => Ok(()),
         Err(e) if errno(&e) == Some(EEXIST) => {
             // Left over from an interrupted setup of this pod (the name is derived from the
             // pod id); deleting the host end deletes its peer too. Then try once more.
             super::bridge::delete_link(handle, host).await?;
             handle.link().add(build()).execute().await.map_err(|e| {
                 NetworkError::netlink("add veth", format!("{host} for pod {pod_id}"), e)
-            })?;
+            })
         }
-        Err(e) => {
-            return Err(NetworkError::netlink("add veth", format!("{host} for pod {pod_id}"), e));
-        }
+        Err(e) => Err(NetworkError::netlink("add veth", format!("{host} for pod {pod_id}"), e)),
     }
-    let index = link_index(handle, host).await?.ok_or_else(|| NetworkError::LinkNotFound {
-        name: host.to_owned(),
-        context: "right after creating the veth pair",
-    })?;
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(index).controller(bridge_index).build())
-        .execute()
-        .await
-        .map_err(|e| NetworkError::netlink("attach veth to bridge", host, e))?;
-    set_up(handle, index, host).await
 }
 
 /// Runs `f` with a netlink handle inside the network namespace at `netns`, on a dedicated
