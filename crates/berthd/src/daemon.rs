@@ -104,8 +104,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )?);
 
     let shim = Arc::new(make_shim(&config)?);
-    let pod_init_program =
-        std::env::current_exe().context("cannot find berthd's own executable")?;
+    let pod_init_program = pod_init_program()?;
     let runtime = Runtime::open(
         RuntimeConfig {
             state_dir: config.state.clone(),
@@ -198,4 +197,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("berthd stopped");
     result
+}
+
+/// The program RunPodSandbox starts as a pod's PID 1: the small `berth-pod-init` next to
+/// berthd (a fraction of berthd's exec time), else berthd itself (`berthd pod-init`).
+fn pod_init_program() -> anyhow::Result<std::path::PathBuf> {
+    let berthd = std::env::current_exe().context("cannot find berthd's own executable")?;
+    let small = berthd.with_file_name("berth-pod-init");
+    Ok(if small.is_file() { small } else { berthd })
 }

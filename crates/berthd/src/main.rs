@@ -88,9 +88,10 @@ impl Cli {
 
 fn main() -> anyhow::Result<()> {
     // `berthd pod-init <pod dir>`: the PID 1 of a pod's shared PID namespace, started by the
-    // runtime. Checked before anything else, while the process is still single-threaded.
-    if std::env::args_os().nth(1).is_some_and(|a| a == berth_runtime::POD_INIT_COMMAND) {
-        berth_runtime::pod_init::run();
+    // runtime when `berth-pod-init` is not installed next to berthd. Checked before anything
+    // else, while the process is still single-threaded.
+    if std::env::args_os().nth(1).is_some_and(|a| a == berth_pod_init::POD_INIT_COMMAND) {
+        berth_pod_init::run();
     }
     let cli = Cli::parse();
     if let Some(Command::Config { action: ConfigAction::Default }) = cli.command {

@@ -1,11 +1,7 @@
-//! The pod's init process, for pods that share one PID namespace (PID mode POD).
-//!
-//! A process cannot move itself into a new PID namespace: `unshare(CLONE_NEWPID)` only puts
-//! its *children* there. So berthd runs its own binary as `berthd pod-init` with
-//! `unshare(CLONE_NEWPID)` done between fork and exec; that process forks once, and the
-//! child is PID 1 of the new namespace: it reaps whatever is reparented to it and otherwise
-//! sleeps. The parent prints the child's host pid and exits; containers then join
-//! `/proc/<pid>/ns/pid`.
+//! The pod's init process, for pods that share one PID namespace (PID mode POD): started
+//! here with `unshare(CLONE_NEWPID)` between fork and exec of `berth-pod-init` (or `berthd
+//! pod-init`), which forks the namespace's PID 1 and prints its host PID (see the
+//! `berth_pod_init` crate).
 
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
@@ -16,8 +12,7 @@ use crate::error::{Result, RuntimeError};
 use crate::records::ProcessRef;
 use crate::util::process_start_time;
 
-/// The first argument that makes berthd run [`run`] instead of the daemon.
-pub const POD_INIT_COMMAND: &str = "pod-init";
+pub use berth_pod_init::POD_INIT_COMMAND;
 
 /// How long the helper may take to report its child.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,49 +58,5 @@ pub(crate) fn kill(init: &ProcessRef) {
             nix::unistd::Pid::from_raw(init.pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
-    }
-}
-
-/// The body of `berthd pod-init`: call it first thing in `main`, before any thread or async
-/// runtime exists. Never returns.
-pub fn run() -> ! {
-    // SAFETY: we are single-threaded here (called before anything else in main), so fork is
-    // safe; the child only makes async-signal-safe calls.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        eprintln!("pod-init: fork: {}", std::io::Error::last_os_error());
-        std::process::exit(1);
-    }
-    if pid > 0 {
-        // Parent: report the child's host pid and leave; the child is reparented to berthd
-        // (a subreaper) or to the host's init.
-        println!("{pid}");
-        std::process::exit(0);
-    }
-    init_loop()
-}
-
-/// PID 1 of the pod: detach from berthd's stdio and session, then reap forever.
-fn init_loop() -> ! {
-    // SAFETY: plain syscalls on our own process; the path is a valid C string.
-    unsafe {
-        libc::setsid();
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        if null >= 0 {
-            for fd in 0..3 {
-                libc::dup2(null, fd);
-            }
-            if null > 2 {
-                libc::close(null);
-            }
-        }
-        loop {
-            let mut status = 0;
-            if libc::waitpid(-1, &mut status, 0) < 0 {
-                // No children: nothing is reparented to us yet. SIGCHLD is ignored by
-                // default, so poll rather than pause.
-                libc::sleep(1);
-            }
-        }
     }
 }
