@@ -20,6 +20,8 @@
 #   BENCH_OUT=<dir>                           keep JSON, SVG and logs here (default: ./target/bench)
 #   BENCH_NO_BUILD=1                          use the binaries already built
 #   BENCH_PROFILE=release                     cargo profile to build and run (debug: dev only)
+#   BENCH_BERTH_LOG=                          berthd's log level (e.g. berth_runtime=debug for
+#                                             the per-call phase timings in berthd.log)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -231,7 +233,8 @@ start_berthd() {
   printf '[runtime]\nshim = "%s"\ncgroup_parent = "/%s"\n[network]\nbridge = "%s"\nsubnet = "%s"\nnat_table = "%s"\n' \
     "$BERTH_SHIM" "$BERTH_CGROUP" "$BERTH_BRIDGE" "$subnet" "$BERTH_NAT" >"$T/berth.toml"
   "$BERTHD" --config "$T/berth.toml" --root "$T/berth-root" --state "$T/berth-state" \
-    --listen "$T/berth.sock" --metrics-address "" >"$T/berthd.log" 2>&1 &
+    --listen "$T/berth.sock" --metrics-address "" ${BENCH_BERTH_LOG:+--log-level "$BENCH_BERTH_LOG"} \
+    >"$T/berthd.log" 2>&1 &
   BERTHD_PID=$!
   wait_cri "unix://$T/berth.sock" "$BERTHD_PID" "$T/berthd.log"
 }

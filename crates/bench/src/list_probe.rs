@@ -62,7 +62,7 @@ impl Decoder for RawDecoder {
 }
 
 /// One ListContainers with the raw codec: the undecoded response.
-async fn raw_list(channel: Channel) -> Result<Bytes> {
+pub(crate) async fn raw_list(channel: Channel) -> Result<Bytes> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.context("channel not ready")?;
     let r = grpc

@@ -163,14 +163,17 @@ impl<S: Shim + 'static> Runtime<S> {
         ns: NamespaceOption,
     ) -> Result<()> {
         let mut partial = Partial::default();
+        let t0 = std::time::Instant::now();
         match self.build_sandbox(&id, name, handler, config, sysctls, ns, &mut partial).await {
             Ok(meta) => {
+                let t_build = t0.elapsed();
                 let status = SandboxStatus { state: SandboxState::Ready };
                 if let Err(e) = crate::blocking(|| self.store.create_sandbox(&meta, &status)) {
                     self.undo_network(&id, &partial).await;
                     partial.undo();
                     return Err(e);
                 }
+                tracing::debug!(pod_id = %id, build = ?t_build, total = ?t0.elapsed(), "run timings");
                 tracing::info!(pod_id = %id, name = %meta.name, "pod sandbox ready");
                 self.insert_sandbox(SandboxEntry::new(meta, status));
                 self.refresh_gauges();
@@ -230,32 +233,33 @@ impl<S: Shim + 'static> Runtime<S> {
         let ns_dir = dir.join("ns");
         partial.ns_dir = Some(ns_dir.clone());
         let request = PinRequest { dir: ns_dir, kinds, hostname: hostname.clone() };
+        let t0 = std::time::Instant::now();
         let pinned = tokio::task::spawn_blocking(move || berth_net::pin_namespaces(&request))
             .await
             .map_err(|e| RuntimeError::TaskFailed(e.to_string()))?
             .map_err(RuntimeError::Net)?;
+        let t_pins = t0.elapsed();
 
         // The network (netlink, IPAM) and the pod's own pieces (files, shm, pod init: an
         // exec) wait on different things, so they are made at the same time.
         // Host-network pods have no netns of their own and get no pod network.
         partial.network = pinned.net.clone();
         let network = async {
-            match &pinned.net {
+            let r = match &pinned.net {
                 Some(netns) => self.setup_pod_network(id, &config, netns).await,
                 None => Ok(()),
-            }
+            };
+            (r, t0.elapsed())
         };
         let mut local = LocalParts::default();
-        let pieces = self.make_local_parts(
-            &dir,
-            &hostname,
-            host_network,
-            host_ipc,
-            &config,
-            &ns,
-            &mut local,
-        );
-        let (network, pieces) = tokio::join!(network, pieces);
+        let pieces = async {
+            let r = self
+                .make_local_parts(&dir, &hostname, host_network, host_ipc, &config, &ns, &mut local)
+                .await;
+            (r, t0.elapsed())
+        };
+        let ((network, t_network), (pieces, t_local)) = tokio::join!(network, pieces);
+        tracing::debug!(pod_id = %id, pins = ?t_pins, network = ?t_network, local = ?t_local, "pod setup timings");
         partial.shm = local.shm.clone();
         partial.init = local.init;
         network?;
