@@ -55,7 +55,7 @@ fi
 
 PROFILE=${BENCH_PROFILE:-release}
 build_pkgs=(-p berth-bench)
-case " $RUNTIMES " in *" berth "*) build_pkgs+=(-p berth-berthd) ;; esac
+case " $RUNTIMES " in *" berth "*) build_pkgs+=(-p berth-berthd -p berth-pod-init) ;; esac
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   if [ "$PROFILE" = release ]; then cargo build --release "${build_pkgs[@]}"; else cargo build "${build_pkgs[@]}"; fi
   # berthd with `shim = "external"` runs the berth-shim next to it: the static build users get.
