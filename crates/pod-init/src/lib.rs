@@ -1,10 +1,12 @@
 //! The init process of a pod whose containers share one PID namespace (PID mode POD).
 //!
-//! berth has no pause container: the runtime starts this program with
-//! `unshare(CLONE_NEWPID)` done between fork and exec. A process cannot move itself into a
-//! new PID namespace (only its children land there), so [`run`] forks once; the child is
-//! PID 1 of the namespace, reaps whatever is reparented to it and otherwise sleeps. The
-//! parent prints the child's host PID and exits; containers then join `/proc/<pid>/ns/pid`.
+//! berth has no pause container: the runtime starts this program, which makes a new PID
+//! namespace with `unshare(CLONE_NEWPID)`. A process cannot move itself into it (only its
+//! children land there), so [`run`] then forks once; the child is PID 1 of the namespace,
+//! reaps whatever is reparented to it and otherwise sleeps. The parent prints the child's
+//! host PID and exits; containers then join `/proc/<pid>/ns/pid`. (Doing the unshare here
+//! rather than between berthd's fork and exec lets berthd spawn it the cheap way, without
+//! copying its own page tables.)
 //!
 //! It is its own small binary (`berth-pod-init`) because RunPodSandbox waits for its exec:
 //! ~1 MB of program starts in a fraction of the time all of berthd takes. `berthd pod-init`
@@ -14,9 +16,14 @@
 /// <pod dir>`; the pod dir only makes the process recognisable in `ps`).
 pub const POD_INIT_COMMAND: &str = "pod-init";
 
-/// Forks the pod's PID 1 and reports its host PID on stdout. Call it first thing in `main`,
+/// Makes a PID namespace, forks its PID 1 and reports that one's host PID on stdout. Call it first thing in `main`,
 /// before any thread exists. Never returns.
 pub fn run() -> ! {
+    // SAFETY: unshare(2) only changes which PID namespace our future children get.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        eprintln!("pod-init: unshare(CLONE_NEWPID): {}", std::io::Error::last_os_error());
+        std::process::exit(1);
+    }
     // SAFETY: we are single-threaded here (called before anything else in main), so fork is
     // safe; the child only makes async-signal-safe calls.
     let pid = unsafe { libc::fork() };

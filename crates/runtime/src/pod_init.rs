@@ -1,9 +1,7 @@
 //! The pod's init process, for pods that share one PID namespace (PID mode POD): started
-//! here with `unshare(CLONE_NEWPID)` between fork and exec of `berth-pod-init` (or `berthd
-//! pod-init`), which forks the namespace's PID 1 and prints its host PID (see the
-//! `berth_pod_init` crate).
+//! here as `berth-pod-init` (or `berthd pod-init`), which makes the namespace, forks its
+//! PID 1 and prints that one's host PID (see the `berth_pod_init` crate).
 
-use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -22,15 +20,6 @@ pub(crate) async fn start(program: &Path, pod_dir: &Path) -> Result<ProcessRef> 
     let mut cmd = Command::new(program);
     // The pod dir makes the process recognisable (and findable by tests) in `ps`.
     cmd.arg(POD_INIT_COMMAND).arg(pod_dir).current_dir("/");
-    // SAFETY: unshare(2) is async-signal-safe and touches only the child's own state.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::unshare(libc::CLONE_NEWPID) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let out = berth_shim::run_captured(cmd, Some(START_TIMEOUT))
         .await
         .map_err(|e| RuntimeError::PodInit { reason: e.to_string() })?;
