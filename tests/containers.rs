@@ -61,12 +61,7 @@ async fn container_lifecycle() -> anyhow::Result<()> {
     assert!(lines.contains(&("stderr".into(), "F".into(), "oops".into())), "{lines:?}");
 
     // Verbose status carries the pid and the spec.
-    let verbose = env
-        .rt
-        .container_status(ContainerStatusRequest { container_id: ctr.clone(), verbose: true })
-        .await?
-        .into_inner();
-    let info: serde_json::Value = serde_json::from_str(&verbose.info["info"])?;
+    let (_, info) = env.verbose_status(&ctr).await?;
     assert_eq!(info["sandboxID"], pod.as_str());
     assert!(info["pid"].as_u64().is_some());
     assert!(info["spec"]["process"].is_object());
@@ -486,12 +481,7 @@ async fn container_lost_while_berthd_was_down_is_exited_unknown() -> anyhow::Res
     let pod = env.run_pod(pod_config.clone()).await?;
     let ctr =
         env.run(&pod, &pod_config, env.container_config("c", &["/bin/sleep", "1000"])).await?;
-    let verbose = env
-        .rt
-        .container_status(ContainerStatusRequest { container_id: ctr.clone(), verbose: true })
-        .await?
-        .into_inner();
-    let info: serde_json::Value = serde_json::from_str(&verbose.info["info"])?;
+    let (_, info) = env.verbose_status(&ctr).await?;
     let pid = info["pid"].as_i64().expect("pid") as i32;
 
     env.d.kill9();
@@ -549,12 +539,7 @@ async fn update_container_resources_changes_the_cgroup() -> anyhow::Result<()> {
         if ctr == &created {
             env.rt.start_container(StartContainerRequest { container_id: ctr.clone() }).await?;
         }
-        let verbose = env
-            .rt
-            .container_status(ContainerStatusRequest { container_id: ctr.clone(), verbose: true })
-            .await?
-            .into_inner();
-        let info: serde_json::Value = serde_json::from_str(&verbose.info["info"])?;
+        let (s, info) = env.verbose_status(ctr).await?;
         let cgroup = info["cgroupsPath"].as_str().expect("cgroupsPath").trim_start_matches('/');
         let limit = std::fs::read_to_string(format!(
             "/sys/fs/cgroup/memory/{cgroup}/memory.limit_in_bytes"
@@ -563,7 +548,6 @@ async fn update_container_resources_changes_the_cgroup() -> anyhow::Result<()> {
         let cpu_shares =
             std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/{cgroup}/cpu.shares"))?;
         assert_eq!(cpu_shares.trim(), shares.to_string());
-        let s = verbose.status.expect("status");
         assert_eq!(
             s.resources.and_then(|r| r.linux).map(|l| l.memory_limit_in_bytes),
             Some((limit_mib << 20) as i64)

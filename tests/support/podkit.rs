@@ -129,6 +129,20 @@ impl Env {
             .context("no status")
     }
 
+    /// Verbose ContainerStatus: the status and the decoded `info` JSON (pid, spec, ...).
+    pub async fn verbose_status(
+        &mut self,
+        id: &str,
+    ) -> Result<(ContainerStatus, serde_json::Value)> {
+        let r = self
+            .rt
+            .container_status(ContainerStatusRequest { container_id: id.into(), verbose: true })
+            .await?
+            .into_inner();
+        let info = r.info.get("info").context("no verbose info")?;
+        Ok((r.status.context("no status")?, serde_json::from_str(info)?))
+    }
+
     /// Waits until the container has exited; returns its status.
     pub async fn wait_exited(&mut self, id: &str, timeout: Duration) -> Result<ContainerStatus> {
         let deadline = Instant::now() + timeout;
