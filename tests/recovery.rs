@@ -333,7 +333,7 @@ async fn kill9_at_random_points_of_the_lifecycle_leaves_a_consistent_state() -> 
 }
 
 /// The shim's footprint with a container under each: RSS/PSS per pod shim and the time of a
-/// pod's first CreateContainer (which starts its shim). Run with
+/// pod's first CreateContainer + StartContainer (the start starts its shim). Run with
 /// `BERTH_SHIM_BIN=target/shim/berth-shim cargo nextest run -p berth-e2e --test recovery
 /// --run-ignored only shim_memory` (a release-like build; the debug build is much larger).
 #[tokio::test]
@@ -351,10 +351,8 @@ async fn shim_memory_per_pod() -> anyhow::Result<()> {
         let pod = r.env.run_pod(pod_config.clone()).await?;
         let c = r.env.container_config("c", &["/bin/sleep", "1000"]);
         let started = Instant::now();
-        let ctr = r.env.create(&pod, &pod_config, c).await?;
-        let create = started.elapsed();
-        r.env.rt.start_container(StartContainerRequest { container_id: ctr }).await?;
-        pods.push((pod, create));
+        r.env.run(&pod, &pod_config, c).await?;
+        pods.push((pod, started.elapsed()));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (mut rss_sum, mut pss_sum) = (0, 0);
@@ -363,7 +361,7 @@ async fn shim_memory_per_pod() -> anyhow::Result<()> {
         let (rss, pss) = recoverykit::rss_pss_kb(pid).expect("smaps_rollup");
         rss_sum += rss;
         pss_sum += pss;
-        eprintln!("shim {pid}: RSS {rss} kB, PSS {pss} kB; first CreateContainer {create:?}");
+        eprintln!("shim {pid}: RSS {rss} kB, PSS {pss} kB; first create + start {create:?}");
     }
     eprintln!(
         "berth-shim {}: average per pod RSS {} kB, PSS {} kB",

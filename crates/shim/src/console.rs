@@ -1,6 +1,6 @@
 //! Terminals: the runtime's `--console-socket` protocol.
 //!
-//! With `process.terminal: true`, `runc create --console-socket <path>` creates the pty inside
+//! With `process.terminal: true`, `runc run|create --console-socket <path>` creates the pty inside
 //! the container and sends the master end over the unix socket (`SCM_RIGHTS`). We keep the
 //! master: reading it gives the container's output (one stream, logged as stdout).
 

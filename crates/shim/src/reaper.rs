@@ -1,6 +1,6 @@
 //! The process-wide child reaper.
 //!
-//! berthd is a child subreaper: container processes (whose parent, `runc create`, exits)
+//! berthd is a child subreaper: container processes (whose parent, `runc run -d`, exits)
 //! are reparented to it. Reaping those needs `waitpid(-1)`, which would steal the exit status
 //! of any child that someone else waits for by PID (`tokio::process`, `Command::output`). So
 //! there is exactly one reaper per process, and every child the shim starts is spawned with
