@@ -402,6 +402,16 @@ async fn private_registry_needs_credentials() {
         password: AUTH_PASSWORD.into(),
         ..Default::default()
     };
+    assert_eq!(
+        images::pull_with_auth(&mut c, &p.reference(), Some(auth.clone())).await.unwrap(),
+        p.id()
+    );
+    // berthd keeps registry clients (and their tokens) between pulls, but per identity: the
+    // token the right password got serves neither an anonymous pull nor a wrong password.
+    images::pull(&mut c, &p.reference()).await.expect_err("anonymous pull after an authorized one");
+    let wrong =
+        AuthConfig { username: AUTH_USER.into(), password: "wrong".into(), ..Default::default() };
+    images::pull_with_auth(&mut c, &p.reference(), Some(wrong)).await.expect_err("wrong password");
     assert_eq!(images::pull_with_auth(&mut c, &p.reference(), Some(auth)).await.unwrap(), p.id());
 }
 

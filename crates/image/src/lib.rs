@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use berth_snapshot::Snapshotter;
 
+mod client_cache;
 pub mod content;
 mod digest;
 mod error;

@@ -6,7 +6,8 @@
 //! endpoint's host, and its own `Client` whose protocol is the endpoint's scheme. (oci-client
 //! 0.18 also has `Reference::set_mirror_registry`, but it is hidden and exempt from semver,
 //! and a client's protocol is per client anyway, so one client per endpoint is simplest.)
-//! A fresh client per pull also keeps one pull's credentials and tokens away from another's.
+//! Clients are kept between pulls per endpoint and credentials (`client_cache.rs`), so one
+//! identity's credentials and tokens never serve another's pull.
 //!
 //! Credentials, as far as oci-client 0.18 goes:
 //! - `Basic` becomes `RegistryAuth::Basic`: used for the token-server handshake when the
@@ -30,6 +31,7 @@ use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
+use crate::client_cache::ClientCache;
 use crate::content::{ContentStore, Ingest};
 use crate::digest::Digest;
 use crate::error::ImageError;
@@ -58,6 +60,7 @@ pub struct Endpoint {
 pub struct Registries {
     mirrors: HashMap<String, Vec<Endpoint>>,
     insecure: HashSet<String>,
+    clients: ClientCache,
 }
 
 impl Registries {
@@ -72,7 +75,7 @@ impl Registries {
             mirrors.insert(normalize_registry(registry).to_string(), parsed);
         }
         let insecure = config.insecure.iter().map(|h| normalize_registry(h).to_string()).collect();
-        Ok(Self { mirrors, insecure })
+        Ok(Self { mirrors, insecure, clients: ClientCache::default() })
     }
 
     /// The endpoints to try for `domain`, in order: its mirrors, then itself.
@@ -160,30 +163,35 @@ pub struct Session {
     reference: String,
 }
 
+/// A client speaking `endpoint`'s scheme (the pull of `image` is only for messages).
+fn new_client(endpoint: &Endpoint, image: &ImageReference) -> Result<Client, ImageError> {
+    let config = ClientConfig {
+        protocol: if endpoint.plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
+        // We pick platforms ourselves, from the raw index.
+        platform_resolver: None,
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        read_timeout: Some(READ_TIMEOUT),
+        ..ClientConfig::default()
+    };
+    Client::try_from(config).map_err(|e| ImageError::Registry {
+        reference: image.to_string(),
+        registry: endpoint.host.clone(),
+        status: None,
+        message: format!("cannot set up the HTTP client: {e}"),
+    })
+}
+
 impl Session {
-    /// A session with `endpoint` for `image`.
+    /// A session with `endpoint` for `image`, on the client cached for the endpoint and
+    /// `auth` (or a new one).
     pub async fn new(
         endpoint: &Endpoint,
         image: &ImageReference,
         auth: RegistryAuth,
+        clients: &ClientCache,
     ) -> Result<Self, ImageError> {
-        let config = ClientConfig {
-            protocol: if endpoint.plain_http {
-                ClientProtocol::Http
-            } else {
-                ClientProtocol::Https
-            },
-            // We pick platforms ourselves, from the raw index.
-            platform_resolver: None,
-            connect_timeout: Some(CONNECT_TIMEOUT),
-            read_timeout: Some(READ_TIMEOUT),
-            ..ClientConfig::default()
-        };
-        let client = Client::try_from(config).map_err(|e| ImageError::Registry {
-            reference: image.to_string(),
-            registry: endpoint.host.clone(),
-            status: None,
-            message: format!("cannot set up the HTTP client: {e}"),
+        let client = clients.get_or_build(&endpoint.host, endpoint.plain_http, &auth, || {
+            new_client(endpoint, image)
         })?;
         let session = Self {
             client,
@@ -428,7 +436,7 @@ pub async fn resolve(
     // `endpoints` always ends with the upstream.
     let upstream = endpoints.pop();
     for endpoint in &endpoints {
-        let session = Session::new(endpoint, image, auth.clone()).await?;
+        let session = Session::new(endpoint, image, auth.clone(), &registries.clients).await?;
         match session.fetch_manifest(image.tag(), image.digest()).await {
             Ok((body, digest)) => return Ok((session, body, digest)),
             Err(e) => tracing::warn!(
@@ -442,7 +450,7 @@ pub async fn resolve(
         plain_http: is_loopback(image.domain()),
         mirror: false,
     });
-    let session = Session::new(&upstream, image, auth.clone()).await?;
+    let session = Session::new(&upstream, image, auth.clone(), &registries.clients).await?;
     let (body, digest) = session.fetch_manifest(image.tag(), image.digest()).await?;
     Ok((session, body, digest))
 }
