@@ -13,7 +13,8 @@
 #   BENCH_CONTAINERS=1000 BENCH_SCALE_PODS=10 list-scale size
 #   BENCH_MEMORY_PODS=100                     pods running for the memory scenario (run
 #                                             on freshly restarted daemons)
-#   BENCH_SCENARIOS="lifecycle pull list-scale memory"
+#   BENCH_SCENARIOS="lifecycle pull list-scale memory"   (also: churn, BENCH_CONTAINERS
+#                                             containers created and removed between rounds)
 #   BENCH_RUNTIMES="containerd berth"         order within each scenario
 #   BENCH_BERTH_SHIM=embedded                 berthd's shim: embedded, or external (one
 #                                             static berth-shim per pod, hack/build-shim.sh)
@@ -281,6 +282,7 @@ for scenario in $SCENARIOS; do
       lifecycle) run "$rt" lifecycle -n "$ITERATIONS" -c "$CONCURRENCY" ;;
       pull) run "$rt" pull --pull-image "$BIG" -m "$PULLS" ;;
       list-scale) run "$rt" list-scale --containers "$CONTAINERS" --pods "$SCALE_PODS" ;;
+      churn) run "$rt" churn -n "$CONTAINERS" ;;
       memory)
         # Fresh daemons, so that what earlier scenarios left in their heaps is not counted.
         restart_daemon "$rt"
