@@ -16,8 +16,8 @@
 /// <pod dir>`; the pod dir only makes the process recognisable in `ps`).
 pub const POD_INIT_COMMAND: &str = "pod-init";
 
-/// Makes a PID namespace, forks its PID 1 and reports that one's host PID on stdout. Call it first thing in `main`,
-/// before any thread exists. Never returns.
+/// Makes a PID namespace, forks its PID 1 and reports that one's host PID on stdout. Call
+/// it first thing in `main`, before any thread exists. Never returns.
 pub fn run() -> ! {
     // SAFETY: unshare(2) only changes which PID namespace our future children get.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {

@@ -156,8 +156,9 @@ impl<S: Shim + 'static> Runtime<S> {
     }
 
     /// CreateContainer: validates, reserves the name, mounts the rootfs and writes the bundle
-    /// (the task is made by StartContainer, as containerd does). A retry of a create whose config is identical to the one holding
-    /// the name gets that container's id (the kubelet timed out on the first call).
+    /// (the task is made by StartContainer, as containerd does). A retry of a create whose
+    /// config is identical to the one holding the name gets that container's id (the kubelet
+    /// timed out on the first call).
     pub async fn create_container(self: &Arc<Self>, req: CreateContainerRequest) -> Result<String> {
         if req.pod_sandbox_id.is_empty() {
             return Err(RuntimeError::Missing("pod_sandbox_id"));

@@ -41,7 +41,8 @@ fn open_netns(pod_id: &str, netns: &Path) -> Result<std::fs::File, NetworkError>
 
 /// Creates the veth pair `host` <-> `eth0`, with `eth0` created directly inside the pod's
 /// netns (so no temporary name ever appears on the host), and `host` attached to the bridge
-/// and up: one netlink request (the kernel applies the master and the flags at creation). A leftover `host` link from an interrupted setup is replaced.
+/// and up: one netlink request (the kernel applies the master and the flags at creation).
+/// A leftover `host` link from an interrupted setup is replaced.
 pub(crate) async fn create_pair(
     handle: &Handle,
     pod_id: &str,
