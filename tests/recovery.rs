@@ -188,6 +188,64 @@ async fn embedded_shim_restart_keeps_live_containers_stoppable() -> anyhow::Resu
     Ok(())
 }
 
+/// CreateContainer makes no runtime process; StartContainer's `runc run` does. A crash
+/// after that runc but before berthd recorded the start leaves a "created" record and a
+/// running runtime container of the same id: recovery must remove the latter (so "created"
+/// is true and nothing runs unaccounted for), and the kubelet's retried start must work.
+#[tokio::test]
+async fn start_interrupted_by_a_crash_is_undone_and_can_be_retried() -> anyhow::Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    for shim in ["embedded", "external"] {
+        let mut r = RecoveryEnv::start(shim).await?;
+        let pod_config = r.env.pod_config("interrupted");
+        let pod = r.env.run_pod(pod_config.clone()).await?;
+        let c = r.env.container_config("c", &["/bin/sleep", "1000"]);
+        let ctr = r.env.create(&pod, &pod_config, c).await?;
+        // What the interrupted start had got to: the runtime's container, running.
+        let state = r.env.d.state();
+        let runtime_root = state.join("runtime/runc");
+        let out = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&runtime_root)
+            .args(["run", "--detach", "--bundle"])
+            .arg(state.join("containers").join(&ctr))
+            .arg(&ctr)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        assert!(out.success(), "{shim}: runc run");
+        let runc_state = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&runtime_root)
+            .args(["state", &ctr])
+            .output()?;
+        let pid = serde_json::from_slice::<serde_json::Value>(&runc_state.stdout)?["pid"]
+            .as_i64()
+            .expect("pid") as i32;
+        assert!(alive(pid));
+
+        r.crash_and_restart().await?;
+        assert!(
+            podkit::eventually(Duration::from_secs(10), || !alive(pid)).await,
+            "{shim}: the interrupted start's process still runs"
+        );
+        assert!(!runtime_root.join(&ctr).exists(), "{shim}: runtime state left");
+        let s = r.env.status(&ctr).await?;
+        assert_eq!(s.state, ContainerState::ContainerCreated as i32, "{shim}: {s:?}");
+        r.env.rt.start_container(StartContainerRequest { container_id: ctr.clone() }).await?;
+        assert_eq!(r.env.status(&ctr).await?.state, ContainerState::ContainerRunning as i32);
+        assert!(alive(r.pid_of(&ctr).await?), "{shim}");
+        r.remove_everything().await?;
+        let leaks = r.leaks();
+        assert!(leaks.is_empty(), "{shim}: leaked: {leaks:#?}");
+        remove_cgroup_parent(&r.cgroup_parent);
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn cri_calls_answer_unavailable_or_ok_while_recovering() -> anyhow::Result<()> {
     if skip() {

@@ -93,13 +93,7 @@ impl RecoveryEnv {
 
     /// The host pid of a container's init, from its verbose status.
     pub async fn pid_of(&mut self, ctr: &str) -> Result<i32> {
-        let verbose = self
-            .env
-            .rt
-            .container_status(ContainerStatusRequest { container_id: ctr.into(), verbose: true })
-            .await?
-            .into_inner();
-        let info: serde_json::Value = serde_json::from_str(&verbose.info["info"])?;
+        let (_, info) = self.env.verbose_status(ctr).await?;
         Ok(info["pid"].as_i64().context("no pid")? as i32)
     }
 
