@@ -22,6 +22,20 @@ fn one_malloc_arena() {
     }
 }
 
+/// Our stdout, where berthd waits for the byte that says the socket listens, moved to an fd of
+/// its own; stdout itself becomes /dev/null (nothing else is ever written there, and berthd
+/// stops reading after that byte).
+fn readiness_fd() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let ready = std::io::stdout().as_fd().try_clone_to_owned().ok()?;
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null").ok()?;
+    // SAFETY: dup2 onto our own stdout; both fds are valid and owned by this process.
+    if unsafe { libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO) } < 0 {
+        return None;
+    }
+    Some(ready)
+}
+
 fn usage() -> ExitCode {
     eprintln!("usage: berth-shim --dir <shim dir> --pod <pod id>");
     ExitCode::from(2)
@@ -67,7 +81,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(ServerConfig { dir, pod_id })) {
+    let ready = readiness_fd();
+    match runtime.block_on(serve(ServerConfig { dir, pod_id, ready })) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("berth-shim: {e}");

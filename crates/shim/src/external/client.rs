@@ -35,6 +35,8 @@ use crate::{CreateTask, ExecOutput, Exit, Shim, ShimError, TaskEvent, TaskState,
 
 /// How long a new shim gets to answer its first ping.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to sleep between pings of a starting shim when it sends no readiness byte.
+const START_POLL: Duration = Duration::from_millis(5);
 /// How long to wait for a shim to exit after it answered `shutdown`.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Added to a request's own timeout: a shim that answers nothing for this long is hung.
@@ -457,13 +459,16 @@ impl ExternalShim {
                 path: log_path.clone(),
                 source,
             })?;
+        // The shim writes one byte to its stdout once it listens: we wait on that instead of
+        // sleeping between pings.
+        let (ready_rx, ready_tx) = crate::pipe::pipe("shim readiness pipe")?;
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--dir")
             .arg(&pod.dir)
             .arg("--pod")
             .arg(&pod.pod_id)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::from(ready_tx))
             .stderr(Stdio::from(log));
         let reaper = Reaper::global()?;
         let before = Instant::now();
@@ -474,6 +479,7 @@ impl ExternalShim {
         // The shim is our child until we die; the reaper reaps it when it exits.
         let mut exited = reaper.register(pid, before);
         let deadline = Instant::now() + START_TIMEOUT;
+        let mut ready = Some(ready_rx);
         loop {
             if let Ok(r) = exited.try_recv() {
                 return Err(ShimError::ShimStart {
@@ -495,7 +501,22 @@ impl ExternalShim {
                     detail: format!("no answer within {START_TIMEOUT:?}: {}", log_tail(&log_path)),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // Wake at the shim's byte, or after a short sleep (a shim that never sends it
+            // is still found by the pings; after EOF only they are left).
+            match ready.as_mut() {
+                Some(rx) => {
+                    let mut byte = [0u8; 1];
+                    tokio::select! {
+                        r = tokio::io::AsyncReadExt::read(rx, &mut byte) => {
+                            if !matches!(r, Ok(1)) {
+                                ready = None;
+                            }
+                        }
+                        _ = tokio::time::sleep(START_POLL) => {}
+                    }
+                }
+                None => tokio::time::sleep(START_POLL).await,
+            }
         }
     }
 

@@ -32,12 +32,15 @@ use crate::{EmbeddedShim, Exit, Shim, ShimError, TaskEvent, TaskState};
 const EVENT_CAPACITY: usize = 64;
 
 /// What the shim process serves.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServerConfig {
     /// The shim's directory (`<state>/shims/<pod id>`), made 0700.
     pub dir: PathBuf,
     /// The pod sandbox it serves.
     pub pod_id: String,
+    /// Where to write one byte once the socket listens (berthd waits on a pipe for it
+    /// instead of polling); closed right after.
+    pub ready: Option<std::os::fd::OwnedFd>,
 }
 
 /// Task records and exits seen, under one lock so that an exit seen before its task's record
@@ -121,6 +124,10 @@ pub async fn serve(cfg: ServerConfig) -> Result<(), ShimError> {
     tokio::spawn(record_events(server.clone(), shim.subscribe()));
     let pid_file = cfg.dir.join(PID_FILE);
     write_atomic(&pid_file, std::process::id().to_string().as_bytes())?;
+    if let Some(ready) = cfg.ready {
+        // Best effort: a starter that stopped waiting polls the socket instead.
+        let _ = std::io::Write::write_all(&mut std::fs::File::from(ready), b"R");
+    }
 
     loop {
         tokio::select! {
