@@ -28,7 +28,7 @@ use super::wire::{
     request, status_from, wire_err, write_frame,
 };
 use super::{PID_FILE, SOCKET_NAME};
-use crate::reaper::{Reaper, spawn};
+use crate::reaper::{Reaped, Reaper, spawn};
 use crate::runtime_cmd::{RUNTIME_TIMEOUT, RuntimeCmd};
 use crate::state_file::{self, TaskRecord};
 use crate::{CreateTask, ExecOutput, Exit, Shim, ShimError, TaskEvent, TaskState, validate_id};
@@ -85,6 +85,9 @@ struct PodShim {
     lost: Mutex<HashMap<String, LostTask>>,
     watcher: Mutex<Option<AbortHandle>>,
     events: broadcast::Sender<TaskEvent>,
+    /// The reaper's news of the shim's exit, when we started it (it is our child); a shim
+    /// left by a previous berthd is watched by pid instead.
+    exited: Mutex<Option<oneshot::Receiver<Reaped>>>,
 }
 
 /// The answer to a call, or the news that the shim is gone.
@@ -118,6 +121,7 @@ impl PodShim {
             lost: Mutex::new(HashMap::new()),
             watcher: Mutex::new(None),
             events,
+            exited: Mutex::new(None),
         })
     }
 
@@ -489,6 +493,7 @@ impl ExternalShim {
             }
             if pod.ping().await.is_ok() {
                 tracing::debug!(pod_id = pod.pod_id, pid, "pod shim started");
+                *lock(&pod.exited) = Some(exited);
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -627,8 +632,16 @@ impl ExternalShim {
         let req = request::Kind::Shutdown(proto::ShutdownRequest { force: true });
         match pod.call(req, RUNTIME_TIMEOUT + CALL_SLACK).await {
             Ok(Reply::Resp(response::Kind::Ok(_))) => {
-                if let Some(pid) = pid {
-                    wait_gone(pid).await;
+                let exited = lock(&pod.exited).take();
+                match (exited, pid) {
+                    // Our child: the reaper says when it is gone, no polling.
+                    (Some(exited), _) => {
+                        if tokio::time::timeout(EXIT_TIMEOUT, exited).await.is_err() {
+                            tracing::warn!(pod_id, "pod shim did not exit after shutdown");
+                        }
+                    }
+                    (None, Some(pid)) => wait_gone(pid).await,
+                    (None, None) => {}
                 }
             }
             Ok(Reply::Gone) => {}
