@@ -376,6 +376,7 @@ impl<S: Shim + 'static> Runtime<S> {
         if self.sandbox(&entry.meta.id).is_none() {
             return Ok(()); // removed while we waited
         }
+        let t0 = std::time::Instant::now();
         self.stop_sandbox_locked(&entry).await?;
         let containers = self.containers_of(&entry.meta.id);
         let results: Vec<Result<()>> = stream::iter(containers.into_iter().map(|c| async move {
@@ -387,7 +388,9 @@ impl<S: Shim + 'static> Runtime<S> {
         .await;
         results.into_iter().collect::<Result<()>>()?;
         // The external shim's process for this pod exits now that its containers are gone.
+        let t_containers = t0.elapsed();
         self.shim.release_pod(&entry.meta.id).await.map_err(RuntimeError::Shim)?;
+        let t_shim = t0.elapsed();
         let meta = &entry.meta;
         berth_net::unpin_all(&meta.dir.join("ns")).map_err(RuntimeError::Net)?;
         if let Some(shm) = &meta.shm {
@@ -401,6 +404,7 @@ impl<S: Shim + 'static> Runtime<S> {
         self.forget_sandbox(&meta.id);
         self.names.release(&meta.name, &meta.id);
         self.refresh_gauges();
+        tracing::debug!(pod_id = %meta.id, containers = ?t_containers, shim = ?t_shim, total = ?t0.elapsed(), "pod remove timings");
         tracing::info!(pod_id = %meta.id, "pod sandbox removed");
         Ok(())
     }

@@ -630,8 +630,10 @@ impl ExternalShim {
         pod.closing.store(true, Ordering::Release);
         let pid = self.shim_pid(pod_id);
         let req = request::Kind::Shutdown(proto::ShutdownRequest { force: true });
+        let t0 = Instant::now();
         match pod.call(req, RUNTIME_TIMEOUT + CALL_SLACK).await {
             Ok(Reply::Resp(response::Kind::Ok(_))) => {
+                let t_call = t0.elapsed();
                 let exited = lock(&pod.exited).take();
                 match (exited, pid) {
                     // Our child: the reaper says when it is gone, no polling.
@@ -643,6 +645,7 @@ impl ExternalShim {
                     (None, Some(pid)) => wait_gone(pid).await,
                     (None, None) => {}
                 }
+                tracing::debug!(pod_id, call = ?t_call, gone = ?t0.elapsed(), "pod shim shutdown timings");
             }
             Ok(Reply::Gone) => {}
             Ok(Reply::Resp(response::Kind::Error(e))) => {
