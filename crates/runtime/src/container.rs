@@ -371,10 +371,11 @@ impl<S: Shim + 'static> Runtime<S> {
             return Err(RuntimeError::SandboxNotReady(sandbox.meta.id.clone()));
         }
         let t0 = std::time::Instant::now();
-        let started = match status.process {
+        let started = if status.awaits_task() {
+            self.run_task(&entry).await.map(Some)
+        } else {
             // Created by a berthd from before the create/start split: its init waits.
-            Some(_) => self.shim.start(&entry.meta.id).await.map(|()| None),
-            None => self.run_task(&entry).await.map(Some),
+            self.shim.start(&entry.meta.id).await.map(|()| None)
         };
         let pid = match started {
             Ok(pid) => pid,
@@ -427,9 +428,8 @@ impl<S: Shim + 'static> Runtime<S> {
     /// PID of its main process.
     async fn run_task(&self, entry: &ContainerEntry) -> std::result::Result<u32, ShimError> {
         let m = &entry.meta;
-        // A crash of an earlier berthd in the middle of this call may have left the
-        // runtime's container (even running): it must go before the id is used again.
-        runtime_delete_orphan(entry).await;
+        // What a crash in the middle of an earlier start left in the runtime is gone:
+        // recovery deletes it before berthd serves.
         // The external shim runs a pod's containers in that pod's shim process.
         self.shim.bind_container(&m.id, &m.sandbox_id);
         self.shim

@@ -8,7 +8,7 @@ use k8s_cri::v1::{ExecSyncResponse, LinuxContainerResources};
 
 use crate::error::{Result, RuntimeError};
 use crate::state::ContainerState;
-use crate::util::write_atomic;
+use crate::util::{write_atomic, write_volatile};
 use crate::{ContainerEntry, Runtime};
 
 impl<S: Shim + 'static> Runtime<S> {
@@ -87,7 +87,7 @@ impl<S: Shim + 'static> Runtime<S> {
             .map_err(RuntimeError::ContainerConfig)?;
         match status.state {
             // No task yet: the spec StartContainer runs it with takes the new resources.
-            ContainerState::Created if status.process.is_none() => {
+            _ if status.awaits_task() => {
                 let bundle = entry.meta.bundle.clone();
                 tokio::task::spawn_blocking(move || update_spec_resources(&bundle, oci))
                     .await
@@ -104,9 +104,7 @@ impl<S: Shim + 'static> Runtime<S> {
         })?;
         Ok(())
     }
-}
 
-impl<S: Shim + 'static> Runtime<S> {
     /// `<runtime> update --resources <file>` for the container's task.
     async fn runtime_update(
         &self,
@@ -153,7 +151,8 @@ fn update_spec_resources(bundle: &Path, new: oci_spec::runtime::LinuxResources) 
     spec.set_linux(Some(linux));
     let json = serde_json::to_vec(&spec)
         .map_err(|source| RuntimeError::Serialize { what: "OCI spec", source })?;
-    write_atomic(&path, &json)
+    // The bundle lives in the volatile state dir, as CreateContainer wrote it.
+    write_volatile(&path, &json)
 }
 
 /// The fields `new` sets replace those of `spec`.

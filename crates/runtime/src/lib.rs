@@ -24,7 +24,7 @@ mod net_runner;
 mod network;
 mod oom_score;
 mod pod_files;
-pub mod pod_init;
+mod pod_init;
 mod records;
 mod recovery;
 mod repair;
@@ -49,7 +49,6 @@ use tokio::sync::broadcast;
 pub use encoded::{Encoded, ListLayout};
 pub use error::{ErrorClass, Result, RuntimeError};
 pub use net_runner::ReaperCommandRunner;
-pub use pod_init::POD_INIT_COMMAND;
 pub use records::{ContainerMeta, ContainerStatus, ProcessRef, SandboxMeta, SandboxStatus};
 pub use recovery::RecoveryReport;
 

@@ -10,7 +10,7 @@ use crate::error::{Result, RuntimeError};
 use crate::records::ProcessRef;
 use crate::util::process_start_time;
 
-pub use berth_pod_init::POD_INIT_COMMAND;
+use berth_pod_init::POD_INIT_COMMAND;
 
 /// How long the helper may take to report its child.
 const START_TIMEOUT: Duration = Duration::from_secs(10);

@@ -149,7 +149,8 @@ pub struct ContainerMeta {
 pub struct ContainerStatus {
     /// Where it is in its life.
     pub state: ContainerState,
-    /// Its init process (from create on).
+    /// Its main process (from start on; a container created by an older berthd has its
+    /// runtime init here from create on).
     pub process: Option<ProcessRef>,
     /// Start time, ns (0: not started).
     pub started_at: i64,
@@ -164,6 +165,13 @@ pub struct ContainerStatus {
     /// Resources set by UpdateContainerResources (`None`: as created).
     #[serde(with = "proto_opt", default)]
     pub resources: Option<LinuxContainerResources>,
+}
+
+impl ContainerStatus {
+    /// Created, and no runtime process made for it yet: StartContainer makes its task.
+    pub(crate) fn awaits_task(&self) -> bool {
+        self.state == ContainerState::Created && self.process.is_none()
+    }
 }
 
 #[cfg(test)]

@@ -98,9 +98,7 @@ impl<S: Shim + 'static> Runtime<S> {
                 // Never started, but a StartContainer the crash interrupted may have left
                 // the runtime's container, even running: remove it, so the record's
                 // "created" is true and a retried start can use the id.
-                ContainerState::Created
-                    if entry.status().process.is_none() && !tasks.contains_key(&entry.meta.id) =>
-                {
+                _ if entry.status().awaits_task() && !tasks.contains_key(&entry.meta.id) => {
                     crate::container::runtime_delete_orphan(&entry).await
                 }
                 _ => {}
@@ -190,9 +188,7 @@ impl<S: Shim + 'static> Runtime<S> {
                 Ok(Settled::Alive)
             }
             // Created and never started: no process was recorded because none ran.
-            None if status.process.is_none() && status.state == ContainerState::Created => {
-                Ok(Settled::Unchanged)
-            }
+            None if status.awaits_task() => Ok(Settled::Unchanged),
             None => {
                 let alive = status.process.is_some_and(|p| process_alive(p.pid, p.start_time));
                 if alive {

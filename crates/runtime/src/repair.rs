@@ -116,7 +116,8 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Pids of `berthd pod-init <dir>` processes whose pod dir is under `pods_dir`, by pod id.
+/// Pids of pod init processes (`berth-pod-init pod-init <dir>` or `berthd pod-init <dir>`)
+/// whose pod dir is under `pods_dir`, by pod id.
 fn pod_init_processes(pods_dir: &Path) -> Vec<(String, i32)> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     let mut out = Vec::new();
@@ -126,7 +127,7 @@ fn pod_init_processes(pods_dir: &Path) -> Vec<(String, i32)> {
         };
         let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args.len() < 3 || args[1] != crate::POD_INIT_COMMAND.as_bytes() {
+        if args.len() < 3 || args[1] != berth_pod_init::POD_INIT_COMMAND.as_bytes() {
             continue;
         }
         let dir = Path::new(std::ffi::OsStr::from_bytes(args[2]));

@@ -33,13 +33,7 @@ pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
 
 /// The index of link `name`, or `None` if there is none.
 pub(crate) async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, NetworkError> {
-    let mut links = handle.link().get().match_name(name.to_owned()).execute();
-    match links.try_next().await {
-        Ok(Some(msg)) => Ok(Some(msg.header.index)),
-        Ok(None) => Ok(None),
-        Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
-        Err(e) => Err(NetworkError::netlink("get link", name, e)),
-    }
+    Ok(link_state(handle, name).await?.map(|(index, _)| index))
 }
 
 /// The index of link `name` and whether it is up, or `None` if there is none.
