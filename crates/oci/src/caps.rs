@@ -71,10 +71,35 @@ pub const DEFAULT: &[Capability] = &[
     Capability::AuditWrite,
 ];
 
+/// The capabilities berthd itself holds: its bounding set intersected with its effective
+/// set (`/proc/self/status`). A container can get no others: the OCI runtime, a child of
+/// berthd, fails with `unable to apply caps: operation not permitted` on any capability
+/// outside its own bounding set (as on VMs whose bounding set lacks `CAP_SYS_RESOURCE`).
+/// Privileged and `add: [ALL]` containers get exactly this set, as containerd gives them the
+/// capabilities of its own process. Falls back to every capability the kernel knows when
+/// the file cannot be read.
+pub fn held_capabilities() -> Capabilities {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| held_from_status(&status))
+        .unwrap_or_else(kernel_capabilities)
+}
+
+/// The held set from the text of `/proc/<pid>/status`; `None` when a mask is missing.
+pub fn held_from_status(status: &str) -> Option<Capabilities> {
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    let held = mask("CapBnd:")? & mask("CapEff:")?;
+    Some(ALL.iter().filter(|(_, n)| held & (1u64 << n) != 0).map(|(c, _)| *c).collect())
+}
+
 /// All capabilities the running kernel knows (`/proc/sys/kernel/cap_last_cap`; all of ours
-/// when that file cannot be read). runc refuses none of them, but listing only the kernel's
-/// keeps `runc` from warning about each unknown one.
-pub fn all_capabilities() -> Capabilities {
+/// when that file cannot be read).
+fn kernel_capabilities() -> Capabilities {
     let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
@@ -100,28 +125,45 @@ fn is_all(name: &str) -> bool {
 
 /// The process capabilities.
 ///
-/// Starts from the default set (all of `all` when privileged), then applies the kubelet's
+/// Starts from the default set (all of `held` when privileged), then applies the kubelet's
 /// lists in containerd's order: add `ALL`, drop `ALL`, add each, drop each; so a drop always
 /// wins over an add of the same name, and `add: [X], drop: [ALL]` leaves only X.
+/// `held` is what berthd itself holds ([`held_capabilities`]): `ALL` means all of those, the
+/// defaults berthd lacks are left out, and naming one it lacks in `add` or `ambient` is
+/// [`SpecError::CapabilityNotHeld`] (a privileged container gets all berthd has, so there a
+/// missing one is left out instead of refused).
 /// Bounding, effective and permitted get the result; inheritable stays empty (CVE-2022-24769)
 /// except for ambient capabilities, which go into every set.
 pub fn capabilities(
     requested: Option<&CriCapability>,
     privileged: bool,
-    all: &Capabilities,
+    held: &Capabilities,
 ) -> Result<LinuxCapabilities, SpecError> {
-    let mut set: HashSet<Capability> =
-        if privileged { all.clone() } else { DEFAULT.iter().copied().collect() };
+    let mut set: HashSet<Capability> = if privileged {
+        held.clone()
+    } else {
+        DEFAULT.iter().copied().filter(|c| held.contains(c)).collect()
+    };
     let mut ambient: Capabilities = HashSet::new();
+    let held_or_refused = |name: &str| -> Result<Option<Capability>, SpecError> {
+        let cap = parse_capability(name)?;
+        if held.contains(&cap) {
+            Ok(Some(cap))
+        } else if privileged {
+            Ok(None)
+        } else {
+            Err(SpecError::CapabilityNotHeld { name: name.to_string() })
+        }
+    };
     if let Some(req) = requested {
         if req.add_capabilities.iter().any(|c| is_all(c)) {
-            set.extend(all.iter().copied());
+            set.extend(held.iter().copied());
         }
         if req.drop_capabilities.iter().any(|c| is_all(c)) {
             set.clear();
         }
         for c in req.add_capabilities.iter().filter(|c| !is_all(c)) {
-            set.insert(parse_capability(c)?);
+            set.extend(held_or_refused(c)?);
         }
         let mut dropped = HashSet::new();
         for c in req.drop_capabilities.iter().filter(|c| !is_all(c)) {
@@ -130,8 +172,9 @@ pub fn capabilities(
             dropped.insert(cap);
         }
         for c in &req.add_ambient_capabilities {
-            let cap = parse_capability(c)?;
-            if !dropped.contains(&cap) {
+            if let Some(cap) = held_or_refused(c)?
+                && !dropped.contains(&cap)
+            {
                 ambient.insert(cap);
             }
         }
@@ -220,6 +263,58 @@ mod tests {
         let err = capabilities(Some(&req(&["FLY"], &[])), false, &all);
         assert!(matches!(err, Err(SpecError::UnknownCapability { name }) if name == "FLY"));
         assert_eq!(all_up_to(37).len(), 38);
-        assert!(!all_capabilities().is_empty());
+        assert!(!held_capabilities().is_empty());
+    }
+
+    /// This VM's set: everything but CAP_SYS_RESOURCE (24).
+    fn without_sys_resource() -> Capabilities {
+        let status = "Name:\tberthd\nCapInh:\t0000000000000000\nCapPrm:\t000001fffeffffff\n\
+                      CapEff:\t000001fffeffffff\nCapBnd:\t000001fffeffffff\n";
+        held_from_status(status).unwrap()
+    }
+
+    #[test]
+    fn held_set_from_status() {
+        let held = without_sys_resource();
+        assert_eq!(held.len(), 40);
+        assert!(!held.contains(&Capability::SysResource));
+        assert!(held.contains(&Capability::SysAdmin));
+        assert!(held.contains(&Capability::CheckpointRestore));
+        // Effective narrower than bounding: only what is in both.
+        let status = "CapEff:\t0000000000000001\nCapBnd:\t000001ffffffffff\n";
+        assert_eq!(held_from_status(status).unwrap(), [Capability::Chown].into());
+        assert!(held_from_status("CapEff:\t1\n").is_none());
+    }
+
+    #[test]
+    fn only_what_berthd_holds() {
+        let held = without_sys_resource();
+        // Privileged and ALL: what berthd holds, nothing more.
+        let c = capabilities(None, true, &held).unwrap();
+        assert_eq!(eff(&c), held);
+        let c = capabilities(Some(&req(&["ALL"], &[])), false, &held).unwrap();
+        assert_eq!(eff(&c), held);
+        // Privileged asking for one berthd lacks: left out, not refused.
+        let c = capabilities(Some(&req(&["SYS_RESOURCE"], &[])), true, &held).unwrap();
+        assert!(!eff(&c).contains(&Capability::SysResource));
+        // Otherwise a clear error naming it.
+        let err = capabilities(Some(&req(&["CAP_SYS_RESOURCE"], &[])), false, &held);
+        assert!(
+            matches!(&err, Err(SpecError::CapabilityNotHeld { name }) if name == "CAP_SYS_RESOURCE"),
+            "{err:?}"
+        );
+        let mut r = req(&[], &[]);
+        r.add_ambient_capabilities = vec!["SYS_RESOURCE".into()];
+        assert!(matches!(
+            capabilities(Some(&r), false, &held),
+            Err(SpecError::CapabilityNotHeld { .. })
+        ));
+        // Dropping one berthd lacks is fine.
+        let c = capabilities(Some(&req(&[], &["SYS_RESOURCE"])), false, &held).unwrap();
+        assert_eq!(eff(&c), DEFAULT.iter().copied().collect());
+        // Defaults berthd lacks are left out.
+        let only_chown: Capabilities = [Capability::Chown].into();
+        let c = capabilities(None, false, &only_chown).unwrap();
+        assert_eq!(eff(&c), only_chown);
     }
 }

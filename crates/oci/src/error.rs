@@ -136,6 +136,13 @@ pub enum SpecError {
         /// The name given.
         name: String,
     },
+    /// A capability in `add_capabilities`/`add_ambient_capabilities` that berthd itself does
+    /// not hold, so no container of it can get it.
+    #[error("capability {name:?} cannot be granted: berthd does not hold it")]
+    CapabilityNotHeld {
+        /// The name given.
+        name: String,
+    },
     /// A privileged container was asked for in a sandbox that is not privileged.
     #[error("privileged container in a sandbox that is not privileged")]
     PrivilegedNotAllowed,

@@ -21,6 +21,7 @@ pub mod caps;
 pub mod devices;
 pub mod env;
 mod error;
+pub mod host_cgroups;
 pub mod mounts;
 pub mod namespaces;
 pub mod paths;
@@ -32,6 +33,7 @@ pub mod sysctl;
 pub mod user;
 
 pub use error::SpecError;
+pub use host_cgroups::{Controller, HostCgroups};
 pub use namespaces::detect_cgroup_v2;
 
 /// Annotation: `container` for every container spec (the sandbox has none of its own).
@@ -162,8 +164,8 @@ pub fn container_spec(input: &ContainerSpecInput<'_>) -> Result<Spec, SpecError>
     oci_user.set_gid(resolved.gid);
     oci_user.set_additional_gids(Some(resolved.additional_gids));
 
-    let all_caps = caps::all_capabilities();
-    let capabilities = caps::capabilities(sc.capabilities.as_ref(), privileged, &all_caps)?;
+    let held_caps = caps::held_capabilities();
+    let capabilities = caps::capabilities(sc.capabilities.as_ref(), privileged, &held_caps)?;
     let effective = capabilities.effective().clone().unwrap_or_default();
 
     let linux_resources =
