@@ -1,9 +1,54 @@
 //! cgroupfs paths: where a container's cgroup lives, stats from its files, and removal of a
 //! pod's cgroup in every hierarchy.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use berth_oci::{Controller, HostCgroups};
+use oci_spec::runtime::LinuxResources;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Fits containers' resources to the host's cgroup controllers: what needs a controller the
+/// host lacks is dropped (never a failed container: the kubelet sends hugepage limits for
+/// every page size a node has, hugetlb controller or not), with one warning per controller
+/// for the daemon's life.
+#[derive(Debug)]
+pub(crate) struct ResourceFit {
+    host: HostCgroups,
+    warned: Mutex<BTreeSet<Controller>>,
+}
+
+impl ResourceFit {
+    /// Reads the host's controllers once.
+    pub(crate) fn detect(v2: bool) -> Self {
+        Self::new(HostCgroups::detect(Path::new(CGROUP_ROOT), v2))
+    }
+
+    /// For the given host.
+    pub(crate) fn new(host: HostCgroups) -> Self {
+        Self { host, warned: Mutex::new(BTreeSet::new()) }
+    }
+
+    /// Drops from `res` what the host cannot apply, warning the first time each controller
+    /// is found missing.
+    pub(crate) fn apply(&self, res: &mut LinuxResources, container_id: &str) {
+        for controller in self.host.fit(res) {
+            let first =
+                self.warned.lock().unwrap_or_else(PoisonError::into_inner).insert(controller);
+            if first {
+                tracing::warn!(
+                    container_id,
+                    controller = controller.name(),
+                    "the host has no such cgroup controller: its limits are dropped (warned once)"
+                );
+            } else {
+                tracing::debug!(container_id, controller = controller.name(), "limits dropped");
+            }
+        }
+    }
+}
 
 /// The memory cgroup directory of `cgroups_path` (for OOM detection and stats).
 pub fn memory_dir(cgroups_path: &str, v2: bool) -> PathBuf {

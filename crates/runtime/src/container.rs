@@ -253,16 +253,15 @@ impl<S: Shim + 'static> Runtime<S> {
         std::fs::create_dir_all(&rootfs).map_err(RuntimeError::io("create directory", &rootfs))?;
         partial.bundle = Some(bundle.clone());
         let t0 = std::time::Instant::now();
-        let readonly = config
-            .linux
-            .as_ref()
-            .and_then(|l| l.security_context.as_ref())
-            .is_some_and(|s| s.readonly_rootfs);
+        // Always writable, even for readOnlyRootFilesystem: the OCI runtime must be able to
+        // make the mount points the spec needs (`/proc`, `/dev`, volume targets) in images
+        // that lack them; the spec's `root.readonly` has it remount the rootfs read-only
+        // once they are made, as with containerd.
         {
             let snapshots = self.snapshots.clone();
             let (key, chain, target) = (id.to_owned(), image.chain_id.clone(), rootfs.clone());
             tokio::task::spawn_blocking(move || {
-                snapshots.prepare_rootfs(&key, &chain, &target, readonly)
+                snapshots.prepare_rootfs(&key, &chain, &target, false)
             })
             .await
             .map_err(|e| RuntimeError::TaskFailed(e.to_string()))?
@@ -284,6 +283,9 @@ impl<S: Shim + 'static> Runtime<S> {
             cgroup_v2: self.cgroup_v2,
         })
         .map_err(RuntimeError::ContainerConfig)?;
+        if let Some(res) = spec.linux_mut().as_mut().and_then(|l| l.resources_mut().as_mut()) {
+            self.resource_fit.apply(res, id);
+        }
         if let Some(process) = spec.process_mut()
             && let Some(requested) = process.oom_score_adj()
         {
@@ -447,9 +449,13 @@ impl<S: Shim + 'static> Runtime<S> {
             .await
     }
 
-    /// StopContainer: the stop signal, up to `timeout` seconds, then SIGKILL. Idempotent.
+    /// StopContainer: the stop signal, up to `timeout` seconds, then SIGKILL. Idempotent:
+    /// stopping an unknown (e.g. already removed) container succeeds, as the CRI asks.
     pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<()> {
-        let entry = self.get_container(id)?;
+        let Some(entry) = self.find_container(id) else {
+            tracing::debug!(container_id = id, "stop of an unknown container: nothing to do");
+            return Ok(());
+        };
         let _op = entry.op.lock().await;
         self.stop_container_locked(&entry, timeout).await
     }

@@ -83,8 +83,9 @@ impl<S: Shim + 'static> Runtime<S> {
             .ok_or_else(|| RuntimeError::ContainerNotFound(id.to_owned()))?;
         let _op = entry.op.lock().await;
         let status = entry.status();
-        let oci = berth_oci::resources::resources(&resources, self.cgroup_v2)
+        let mut oci = berth_oci::resources::resources(&resources, self.cgroup_v2)
             .map_err(RuntimeError::ContainerConfig)?;
+        self.resource_fit.apply(&mut oci, &entry.meta.id);
         match status.state {
             // No task yet: the spec StartContainer runs it with takes the new resources.
             _ if status.awaits_task() => {

@@ -181,6 +181,8 @@ pub struct Runtime<S: Shim = AnyShim> {
     names: Names,
     events: Events,
     cgroup_v2: bool,
+    /// Drops the limits whose cgroup controller the host lacks.
+    resource_fit: cgroups::ResourceFit,
     /// The lowest `oom_score_adj` a container may get (see `oom_score`).
     oom_score_floor: Option<i32>,
     /// Pod networking, once berthd has set it ([`Runtime::set_network`]); without it pods
@@ -210,6 +212,7 @@ impl<S: Shim + 'static> Runtime<S> {
         let store = Store::open(db)?;
         // Subscribe before anything can start, so no exit is missed.
         let task_events = shim.subscribe();
+        let cgroup_v2 = berth_oci::detect_cgroup_v2();
         let runtime = Arc::new(Self {
             config,
             store,
@@ -220,7 +223,8 @@ impl<S: Shim + 'static> Runtime<S> {
             containers: RwLock::new(ContainerIndex::default()),
             names: Names::default(),
             events: Events::new(),
-            cgroup_v2: berth_oci::detect_cgroup_v2(),
+            cgroup_v2,
+            resource_fit: cgroups::ResourceFit::detect(cgroup_v2),
             oom_score_floor: oom_score::floor(),
             network: OnceLock::new(),
             background_deletes: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_DELETES)),
