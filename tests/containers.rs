@@ -450,12 +450,11 @@ async fn container_errors() -> anyhow::Result<()> {
         .await
         .expect_err("x");
     assert_eq!(e.code(), Code::NotFound);
-    let e = env
-        .rt
+    // Stop and remove are idempotent (the CRI: they must not fail once everything is
+    // reclaimed): an unknown id succeeds, as in containerd 2.x.
+    env.rt
         .stop_container(StopContainerRequest { container_id: unknown.clone(), timeout: 1 })
-        .await
-        .expect_err("x");
-    assert_eq!(e.code(), Code::NotFound);
+        .await?;
     env.rt.remove_container(RemoveContainerRequest { container_id: unknown }).await?;
 
     // A stopped pod takes no new containers.

@@ -171,12 +171,8 @@ async fn pod_errors() -> anyhow::Result<()> {
 
     // Unknown ids.
     let unknown = "0".repeat(64);
-    let e = env
-        .rt
-        .stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: unknown.clone() })
-        .await
-        .expect_err("unknown");
-    assert_eq!(e.code(), Code::NotFound);
+    // Stop and remove are idempotent: an unknown pod succeeds (the CRI; containerd 2.x).
+    env.rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: unknown.clone() }).await?;
     env.rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: unknown }).await?;
     env.remove_pod(&id).await?;
     Ok(())

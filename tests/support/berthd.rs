@@ -269,6 +269,11 @@ impl Berthd {
         format!("http://127.0.0.1:{}/metrics", self.metrics_port)
     }
 
+    /// `[runtime] cgroup_parent` of this daemon (unique to it, removed on drop).
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
+    }
+
     /// The PID of the running daemon.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())

@@ -323,10 +323,14 @@ impl<S: Shim + 'static> Runtime<S> {
     }
 
     /// StopPodSandbox: kills every container of the pod, the pod init, and unmounts the
-    /// shm. Namespaces stay pinned until removal (as containerd does). Idempotent.
+    /// shm. Namespaces stay pinned until removal (as containerd does). Idempotent: stopping
+    /// an unknown pod succeeds, since the CRI says a stop must not fail once everything is
+    /// reclaimed (the kubelet stops pods it knows only by id, e.g. after a removal).
     pub async fn stop_pod_sandbox(&self, id: &str) -> Result<()> {
-        let entry =
-            self.find_sandbox(id).ok_or_else(|| RuntimeError::SandboxNotFound(id.to_owned()))?;
+        let Some(entry) = self.find_sandbox(id) else {
+            tracing::debug!(pod_id = id, "stop of an unknown pod sandbox: nothing to do");
+            return Ok(());
+        };
         let _op = entry.op.write().await;
         self.stop_sandbox_locked(&entry).await
     }
