@@ -144,7 +144,8 @@ pub async fn push_big(reg: &Registry) -> Result<Pushed> {
 pub enum Malice {
     /// A file named `../../../…/tmp/<target>`.
     DotDot,
-    /// `link -> /tmp/<target>` and then `link/pwned`.
+    /// `link -> /tmp/<target>` and then `link/pwned` (resolves inside the image: the file
+    /// lands in its own `tmp/<target>`).
     SymlinkWriteThrough,
     /// A hardlink `evil` to `../../etc/passwd`.
     HardlinkEscape,
@@ -180,4 +181,42 @@ pub async fn push_tampered(reg: &Registry) -> Result<Pushed> {
     let layer = p.image.layers.first().context("no layer")?;
     reg.tamper_blob(&layer.blob.digest)?;
     Ok(p)
+}
+
+/// Cuts a finished tar as umoci writes its layers: the stream ends right after the last
+/// entry's data (`last_len` bytes), with no padding to the block and no end-of-archive
+/// blocks. Go's archive/tar reads that as a whole archive.
+pub fn umoci_tail(mut tar: Vec<u8>, last_len: usize) -> Vec<u8> {
+    let padding = (512 - last_len % 512) % 512;
+    tar.truncate(tar.len() - 1024 - padding);
+    tar
+}
+
+/// What (8) `layered:1.0` holds in `/usr/bin/a` (hard-linked as `/usr/bin/b` by layer 3).
+pub const LAYERED_A: &[u8] = b"layer two\n";
+/// What (8) puts at `/lib/foo.so`, through layer 2's `lib -> usr/lib`.
+pub const LAYERED_FOO: &[u8] = b"foo from layer three\n";
+
+/// Pushes (8) `layered:1.0`: busybox, then layers that only make sense on top of the ones
+/// below, both ending without padding or end blocks (see [`umoci_tail`]). Layer 2 (gzip):
+/// `usr/lib/`, `lib -> usr/lib`, `usr/bin/a`. Layer 3 (uncompressed): `lib/foo.so` (lands
+/// in `usr/lib/foo.so`) and `usr/bin/b`, a hard link to layer 2's `usr/bin/a`.
+pub async fn push_layered(reg: &Registry) -> Result<Pushed> {
+    let two = LayerBuilder::new()
+        .dir("usr", 0o755)
+        .dir("usr/lib", 0o755)
+        .symlink("lib", "usr/lib")
+        .dir("usr/bin", 0o755)
+        .file("usr/bin/a", 0o755, LAYERED_A)
+        .finish();
+    let three = LayerBuilder::new()
+        .hardlink("usr/bin/b", "usr/bin/a")
+        .file("lib/foo.so", 0o644, LAYERED_FOO)
+        .finish();
+    let layers = vec![
+        layer(&busybox_tar()?, Compression::Gzip, Format::Oci)?,
+        layer(&umoci_tail(two, LAYERED_A.len()), Compression::Gzip, Format::Oci)?,
+        layer(&umoci_tail(three, LAYERED_FOO.len()), Compression::None, Format::Oci)?,
+    ];
+    reg.push_image("layered", "1.0", &Image::build(Format::Oci, &config("layered"), layers)).await
 }

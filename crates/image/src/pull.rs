@@ -1,5 +1,6 @@
 //! Pull orchestration: resolve the reference, pick the platform manifest, fetch the config,
-//! download layers concurrently while unpacking them in order, record the image.
+//! download layers concurrently while unpacking them in order (each onto the ones below),
+//! record the image.
 //!
 //! Single flight: a pull runs in its own task, keyed by normalised reference and
 //! credentials; every caller asking for the same key while it runs awaits the same result.
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use berth_snapshot::{Compression, PreparedLayer, chain_ids};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::digest::Digest;
@@ -245,9 +246,11 @@ async fn pull(
     Ok((stored.image, stats))
 }
 
-/// Downloads and unpacks the layers, at most `max_downloads` at once, each unpacked while
-/// it downloads (see [`fetch_layer`]), and puts the unpacked layers in place bottom up as
-/// each and the ones below it are done. Returns the bytes downloaded.
+/// Downloads and unpacks the layers, at most `max_downloads` downloads at once, and puts
+/// the unpacked layers in place bottom up. A layer is applied onto the layers below it (its
+/// names resolve through them), so it is unpacked only once they are in place: while it
+/// downloads if they are by then (see [`fetch_layer`]), from the stored blob otherwise.
+/// Returns the bytes downloaded.
 async fn fetch_and_unpack(
     inner: &Arc<Inner>,
     session: &Session,
@@ -258,8 +261,13 @@ async fn fetch_and_unpack(
 ) -> Result<u64, ImageError> {
     let semaphore = Arc::new(Semaphore::new(inner.max_downloads));
     let mut tasks = AbortOnDrop(Vec::with_capacity(layers.len()));
+    // `in_place[i]` turns true once layer i is in place; layer i + 1 waits for it.
+    let mut in_place = Vec::with_capacity(layers.len());
+    let mut below: Option<watch::Receiver<bool>> = None;
     for (i, layer) in layers.iter().enumerate() {
         let (inner, session, semaphore) = (inner.clone(), session.clone(), semaphore.clone());
+        let (placed, placed_rx) = watch::channel(false);
+        in_place.push(placed);
         let job = LayerJob {
             reference: reference.to_string(),
             digest: layer.digest.clone(),
@@ -268,13 +276,14 @@ async fn fetch_and_unpack(
             diff_id: diff_ids[i].clone(),
             chain: chains[i].clone(),
             parent: i.checked_sub(1).map(|below| chains[below].clone()),
+            parent_placed: below.replace(placed_rx),
         };
         tasks.0.push(tokio::spawn(async move {
-            let _permit = semaphore.acquire_owned().await.map_err(|e| ImageError::PullTask {
+            let permit = semaphore.acquire_owned().await.map_err(|e| ImageError::PullTask {
                 reference: job.reference.clone(),
                 message: e.to_string(),
             })?;
-            fetch_layer(&inner, &session, job).await
+            fetch_layer(&inner, &session, job, permit).await
         }));
     }
     let mut downloaded = 0;
@@ -285,20 +294,23 @@ async fn fetch_and_unpack(
         };
         let (bytes, prepared) = (&mut tasks.0[i]).await.map_err(task_error)??;
         downloaded += bytes;
-        let Some(prepared) = prepared else { continue };
-        // The layer below is in place by now (earlier iterations), as committing requires.
-        let snapshots = inner.snapshots.clone();
-        let made = tokio::task::spawn_blocking(move || snapshots.commit_layer(prepared))
-            .await
-            .map_err(task_error)?
-            .map_err(|e| ImageError::Unpack {
-                reference: reference.to_string(),
-                digest: layer.digest.to_string(),
-                source: Arc::new(e),
-            })?;
-        if made != chains[i] {
-            tracing::warn!(%reference, expected = %chains[i], %made, "snapshotter chain ID differs");
+        if let Some(prepared) = prepared {
+            // The layer below is in place by now (earlier iterations), as committing requires.
+            let snapshots = inner.snapshots.clone();
+            let made = tokio::task::spawn_blocking(move || snapshots.commit_layer(prepared))
+                .await
+                .map_err(task_error)?
+                .map_err(|e| ImageError::Unpack {
+                    reference: reference.to_string(),
+                    digest: layer.digest.to_string(),
+                    source: Arc::new(e),
+                })?;
+            if made != chains[i] {
+                tracing::warn!(%reference, expected = %chains[i], %made, "snapshotter chain ID differs");
+            }
         }
+        // Nobody waiting (the layer above was in place already, or is done): fine.
+        let _ = in_place[i].send(true);
     }
     Ok(downloaded)
 }
@@ -314,6 +326,8 @@ struct LayerJob {
     chain: String,
     /// The chain ID of the layer below.
     parent: Option<String>,
+    /// Turns true when the layer below is in place (`None` for the bottom layer).
+    parent_placed: Option<watch::Receiver<bool>>,
 }
 
 /// Result of [`fetch_layer`]: bytes downloaded, and the unpacked layer waiting to be put in
@@ -327,12 +341,15 @@ type Fetched = (u64, Option<PreparedLayer>);
 /// ingest file (hashed for the blob digest) and through a channel to a blocking thread that
 /// decompresses, hashes the tar for the diff ID and writes the files. The blob is renamed
 /// into place only when both digests check out; any failure removes both the ingest file
-/// and the unpacked files. The layer below need not be there yet: the caller commits the
-/// prepared layers bottom up.
+/// and the unpacked files. That needs the layers below in place; when they are not yet,
+/// the blob is only downloaded (`permit`, one of the pull's download slots, is then given
+/// back), and unpacked from the store once they are. The caller commits the prepared layers
+/// bottom up.
 async fn fetch_layer(
     inner: &Arc<Inner>,
     session: &Session,
-    job: LayerJob,
+    mut job: LayerJob,
+    permit: OwnedSemaphorePermit,
 ) -> Result<Fetched, ImageError> {
     let unpack_error = |e| ImageError::Unpack {
         reference: job.reference.clone(),
@@ -347,6 +364,18 @@ async fn fetch_layer(
         // Unpacked already (another image shares it): the blob is all that may be missing.
         let bytes = session.fetch_blob(&inner.content, &job.digest, job.size).await?;
         return Ok((bytes, None));
+    }
+    let mut bytes = 0;
+    if let Some(placed) = job.parent_placed.as_mut()
+        && !job.parent.as_ref().is_some_and(|p| inner.snapshots.has(p))
+    {
+        bytes = session.fetch_blob(&inner.content, &job.digest, job.size).await?;
+        drop(permit);
+        // Err: the pull gave up on the layers below (and is aborting this task anyway).
+        placed.wait_for(|placed| *placed).await.map_err(|_| ImageError::PullTask {
+            reference: job.reference.clone(),
+            message: "the layer below was not unpacked".into(),
+        })?;
     }
     let snapshots = inner.snapshots.clone();
     let origin = inner.content.path(&job.digest);
@@ -365,7 +394,7 @@ async fn fetch_layer(
         .await
         .map_err(task_error)?
         .map_err(unpack_error)?;
-        return Ok((0, Some(prepared)));
+        return Ok((bytes, Some(prepared)));
     }
     let (tx, reader) = tee::channel();
     let unpack = tokio::task::spawn_blocking(move || {

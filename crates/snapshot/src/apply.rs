@@ -1,7 +1,10 @@
 //! Writing the entries of a layer tar into a layer directory.
 //!
-//! Every entry is created with `*at` calls on its parent directory, which is opened beneath
-//! the layer root (see [`crate::beneath`]); the entry's own name is never followed. Ownership,
+//! Every entry is created with `*at` calls on its parent directory in the new layer. The
+//! parent's name is resolved through the merged view of the new layer and its parents (see
+//! [`crate::merged`]): symlinks of any layer are followed inside the root file system, and
+//! directories that exist only below are created in the new layer with their metadata. The
+//! entry's own name is never followed. Ownership,
 //! permission bits (setuid included: chown comes before chmod because chown clears them),
 //! PAX `SCHILY.xattr.*` attributes and modification times are preserved. Directory times are
 //! set after all entries are written, since writing into a directory changes its mtime.
@@ -9,9 +12,9 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat};
@@ -24,8 +27,10 @@ use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, linkat, symlinkat, 
 use tar::EntryType;
 use tracing::{debug, warn};
 
-use crate::beneath::{CleanError, ResolveError, Tree, clean, display, proc_path};
+use crate::beneath::{CleanError, ResolveError, clean, display, proc_path};
 use crate::error::{SnapshotError, UnsafeReason};
+use crate::lenient::EntryEnd;
+use crate::merged::{self, Merged, Node};
 use crate::whiteout::{self, Existing, Marker, OPAQUE_XATTR};
 
 /// What an unpack accepts beyond plain files.
@@ -53,29 +58,34 @@ struct Meta {
     xattrs: Vec<(OsString, Vec<u8>)>,
 }
 
-/// Writes every entry of `archive` beneath `root`.
+/// Writes every entry of `archive` into the new layer `root`, on top of its parents'
+/// directories `lowers` (top first). Each entry's extent goes to `end` (see
+/// [`crate::lenient`]).
 pub(crate) fn apply<R: Read>(
     archive: &mut tar::Archive<R>,
     root: &Path,
+    lowers: &[PathBuf],
+    end: &EntryEnd,
     blob: &Path,
     policy: Policy,
 ) -> Result<(), SnapshotError> {
-    let tree = Tree::open(root).map_err(|source| SnapshotError::Io {
-        action: "open layer directory",
+    let merged = Merged::open(root, lowers).map_err(|source| SnapshotError::Io {
+        action: "open layer directories",
         path: root.to_owned(),
         source,
     })?;
-    let mut applier = Applier { tree, blob, policy, dir_times: Vec::new() };
+    let mut applier = Applier { merged, blob, policy, dir_times: Vec::new() };
     let read_err = |source| SnapshotError::ReadLayer { blob: blob.to_owned(), source };
     for entry in archive.entries().map_err(read_err)? {
         let mut entry = entry.map_err(read_err)?;
+        end.set(entry.raw_file_position(), entry.size());
         applier.entry(&mut entry)?;
     }
     applier.set_dir_times(root)
 }
 
 struct Applier<'a> {
-    tree: Tree,
+    merged: Merged,
     blob: &'a Path,
     policy: Policy,
     /// Directories written, with the mtime to give them at the end.
@@ -130,7 +140,7 @@ impl Applier<'_> {
             if kind != EntryType::Directory {
                 return Err(refuse(&name, UnsafeReason::InvalidName));
             }
-            let root = self.open_rdonly(&[], &name)?;
+            let (_, root) = self.parent(&[], &name)?;
             set_meta_fd(&root, &meta, &name)?;
             self.dir_times.push((Vec::new(), meta.mtime));
             return Ok(());
@@ -143,26 +153,27 @@ impl Applier<'_> {
                 return Ok(());
             }
             Marker::Opaque => {
-                self.parent(parent, &name)?;
-                let dir = self.open_rdonly(parent, &name)?;
+                let (_, dir) = self.parent(parent, &name)?;
                 return whiteout::set_opaque(&dir).map_err(fail(&name, "set opaque xattr"));
             }
             Marker::Whiteout(hidden) => {
                 if matches!(hidden.as_bytes(), b"" | b"." | b"..") {
                     return Err(refuse(&name, UnsafeReason::InvalidName));
                 }
-                let dir = self.parent(parent, &name)?;
+                let (_, dir) = self.parent(parent, &name)?;
                 return whiteout::whiteout(dir.as_fd(), hidden)
                     .map_err(fail(&name, "create whiteout"));
             }
         }
 
-        let dir = self.parent(parent, &name)?;
+        let (real, dir) = self.parent(parent, &name)?;
         let dir = dir.as_fd();
         match kind {
             EntryType::Directory => {
                 self.directory(dir, base, &name, &meta)?;
-                self.dir_times.push((comps.clone(), meta.mtime));
+                let mut path = real;
+                path.push(base.clone());
+                self.dir_times.push((path, meta.mtime));
                 Ok(())
             }
             EntryType::Regular | EntryType::Continuous => self.file(dir, base, &name, &meta, entry),
@@ -172,7 +183,7 @@ impl Applier<'_> {
             }
             EntryType::Link => {
                 let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
-                self.hardlink(dir, base, &name, parent, &target)
+                self.hardlink(dir, base, &name, &real, &target)
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 self.node(dir, base, &name, &meta, entry.header(), kind)
@@ -228,24 +239,27 @@ impl Applier<'_> {
         })
     }
 
-    /// Opens (creating as needed) the parent directory of an entry.
-    fn parent(&self, comps: &[OsString], name: &str) -> Result<OwnedFd, SnapshotError> {
-        self.tree.make_dirs(comps).map_err(|e| match e {
+    /// Opens (creating as needed, in the new layer) the parent directory `comps` of an
+    /// entry, resolved through the merged view; returns its real path too.
+    fn parent(
+        &mut self,
+        comps: &[OsString],
+        name: &str,
+    ) -> Result<(Vec<OsString>, File), SnapshotError> {
+        let refused = |e| match e {
             ResolveError::Escape | ResolveError::Symlink => {
                 refuse(name, UnsafeReason::SymlinkEscape)
             }
             ResolveError::Io(e) => fail(name, "create parent directories")(e),
-        })
-    }
-
-    /// Opens an existing directory for reading (to set xattrs and metadata on it).
-    fn open_rdonly(&self, comps: &[OsString], name: &str) -> Result<File, SnapshotError> {
-        self.tree.open_dir(comps, OFlag::O_RDONLY, false).map(File::from).map_err(|e| match e {
-            ResolveError::Escape | ResolveError::Symlink => {
-                refuse(name, UnsafeReason::SymlinkEscape)
-            }
-            ResolveError::Io(e) => fail(name, "open directory")(e),
-        })
+        };
+        // Fast path: the new layer has the directory already, without symlinks on the way,
+        // so that is what the merged view shows too (the new layer is on top).
+        if let Ok(fd) = self.merged.upper().open_dir(comps, OFlag::O_RDONLY, true) {
+            return Ok((comps.to_vec(), File::from(fd)));
+        }
+        let real = self.merged.resolve(comps, false).map_err(refused)?;
+        let dir = self.merged.make_upper_dirs(&real, &mut self.dir_times).map_err(refused)?;
+        Ok((real, dir))
     }
 
     fn directory(
@@ -310,14 +324,15 @@ impl Applier<'_> {
     }
 
     fn hardlink(
-        &self,
+        &mut self,
         dir: BorrowedFd<'_>,
         base: &OsStr,
         name: &str,
         parent: &[OsString],
         target: &[u8],
     ) -> Result<(), SnapshotError> {
-        // Link targets name an earlier entry of the same tar, relative to the layer root.
+        // Link targets name a file of the root file system as it is so far (an earlier entry
+        // of this tar, or a file of a layer below), relative to its root.
         let tcomps = clean(target).map_err(|e| {
             refuse(
                 name,
@@ -335,11 +350,30 @@ impl Applier<'_> {
         }
         // Strict: a tar writer records the real path of the first link, never one through
         // a symlink, so any symlink on the way is an attempt to reach something else.
-        let tdir = self.tree.open_dir(tparent, OFlag::O_PATH, true).map_err(|e| match e {
+        let node = self.merged.lookup(tparent, tbase).map_err(|e| match e {
             ResolveError::Escape => refuse(name, UnsafeReason::HardlinkOutside),
             ResolveError::Symlink => refuse(name, UnsafeReason::HardlinkThroughSymlink),
-            ResolveError::Io(e) => fail(name, "open hard link target directory")(e),
+            ResolveError::Io(e) => fail(name, "look up hard link target")(e),
         })?;
+        let tdir = match node {
+            Node::Missing => {
+                return Err(fail(name, "hard link target is in neither this layer nor below")(
+                    Errno::ENOENT.into(),
+                ));
+            }
+            Node::Dir(_) => {
+                return Err(fail(name, "create hard link to a directory")(Errno::EPERM.into()));
+            }
+            Node::Other { layer: 0, dir, .. } => dir,
+            // Only a lower layer has it: copy it up first, as overlayfs would before
+            // linking, and link to the copy.
+            Node::Other { dir: lower, .. } => {
+                let (_, upper) = self.parent(tparent, name)?;
+                merged::copy_up(lower.as_fd(), upper.as_fd(), tbase)
+                    .map_err(fail(name, "copy up hard link target"))?;
+                upper
+            }
+        };
         clear(dir, base).map_err(fail(name, "replace"))?;
         // Flags empty: if the target is a symlink, link the symlink itself, never its target.
         linkat(tdir.as_fd(), tbase.as_os_str(), dir, base, AtFlags::empty())
@@ -401,7 +435,7 @@ impl Applier<'_> {
     /// written into them.
     fn set_dir_times(&self, root: &Path) -> Result<(), SnapshotError> {
         for (comps, mtime) in &self.dir_times {
-            let fd = match self.tree.open_dir(comps, OFlag::O_RDONLY, true) {
+            let fd = match self.merged.upper().open_dir(comps, OFlag::O_RDONLY, true) {
                 Ok(fd) => fd,
                 // Replaced by a later entry (file, symlink) or removed: nothing to date.
                 Err(ResolveError::Symlink) => continue,

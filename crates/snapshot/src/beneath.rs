@@ -1,11 +1,10 @@
 //! Safe path handling inside one layer directory.
 //!
 //! Tar entry names are cleaned lexically (leading `/` stripped, `.` dropped, `..` folded, but
-//! never above the layer root), and directories are then opened with `openat2(2)`
-//! `RESOLVE_BENEATH`, so the kernel refuses any resolution (including through symlinks written
-//! by earlier entries) that would leave the layer. Relative symlinks that stay inside the layer
-//! are followed for parent directories, as Docker does inside its chroot; absolute symlinks are
-//! refused, because inside a bare layer directory they would point at the host.
+//! never above the layer root). Directories of one layer are opened with `openat2(2)`
+//! `RESOLVE_BENEATH`, so the kernel refuses any resolution that would leave the layer; the
+//! unpack uses that (with no symlinks allowed) for its fast path and for directory times, and
+//! resolves everything else through the merged view of the layers ([`crate::merged`]).
 //! The last component of a name is never resolved: callers use `*at` calls on the parent fd
 //! with `O_NOFOLLOW`/`AT_SYMLINK_NOFOLLOW` semantics.
 
@@ -17,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
-use nix::sys::stat::{Mode, mkdirat};
+use nix::sys::stat::Mode;
 
 /// Why a tar name could not be cleaned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,35 +107,6 @@ impl Tree {
             e => ResolveError::Io(e.into()),
         })
     }
-
-    /// Opens (as `O_PATH`) the directory `comps`, creating missing components with mode
-    /// 0755 (owned by us) the way tar implementations create implicit parents.
-    pub(crate) fn make_dirs(&self, comps: &[OsString]) -> Result<OwnedFd, ResolveError> {
-        match self.open_dir(comps, OFlag::O_PATH, false) {
-            Err(ResolveError::Io(e)) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            other => return other,
-        }
-        let mut cur = self.open_dir(&[], OFlag::O_PATH, false)?;
-        for i in 0..comps.len() {
-            let prefix = &comps[..=i];
-            match self.open_dir(prefix, OFlag::O_PATH, false) {
-                Ok(fd) => cur = fd,
-                Err(ResolveError::Io(e)) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    match mkdirat(
-                        cur.as_fd(),
-                        comps[i].as_os_str(),
-                        Mode::from_bits_truncate(0o755),
-                    ) {
-                        Ok(()) | Err(Errno::EEXIST) => {}
-                        Err(e) => return Err(ResolveError::Io(e.into())),
-                    }
-                    cur = self.open_dir(prefix, OFlag::O_PATH, false)?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(cur)
-    }
 }
 
 /// `/proc/self/fd/<dir>/<name>`: a path naming `name` inside an already-resolved directory,
@@ -189,10 +159,5 @@ mod tests {
         assert!(matches!(t.open_dir(&p("up"), OFlag::O_PATH, false), Err(ResolveError::Escape)));
         assert!(t.open_dir(&p("lib"), OFlag::O_PATH, false).is_ok());
         assert!(matches!(t.open_dir(&p("lib"), OFlag::O_PATH, true), Err(ResolveError::Symlink)));
-        assert!(matches!(t.make_dirs(&p("abs/x")), Err(ResolveError::Escape)));
-        t.make_dirs(&p("new/deep/dir")).unwrap();
-        assert!(root.join("new/deep/dir").is_dir());
-        t.make_dirs(&p("lib/inner")).unwrap();
-        assert!(root.join("usr/lib/inner").is_dir());
     }
 }

@@ -138,8 +138,9 @@ fn kernel_message(detail: &str) -> String {
 pub enum UnsafeReason {
     /// The name climbs out of the layer with `..`.
     ParentDirEscape,
-    /// A directory on the way to the entry is a symlink that leads outside the layer
-    /// (absolute target or too many `..`).
+    /// The way to the entry goes through a symlink loop (or a chain of more than 40
+    /// symlinks). Symlinks never lead outside: absolute targets and `..` resolve inside the
+    /// image's root file system.
     SymlinkEscape,
     /// A hard link's target climbs out of the layer with `..`.
     HardlinkOutside,
@@ -157,7 +158,7 @@ impl std::fmt::Display for UnsafeReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::ParentDirEscape => "path escapes the layer through '..'",
-            Self::SymlinkEscape => "path goes through a symlink that leads outside the layer",
+            Self::SymlinkEscape => "path goes through a symlink loop",
             Self::HardlinkOutside => "hard link target is outside the layer",
             Self::HardlinkThroughSymlink => "hard link target goes through a symlink",
             Self::HardlinkToRoot => "hard link target is the layer root",

@@ -6,8 +6,14 @@
 //! overlayfs whiteouts), `layers/<chain-id-hex>/parent` the chain ID of the layer below,
 //! `active/<key>/{upper,work}` holds a container's writable layer.
 //!
-//! Layer tars are untrusted: nothing is written outside the layer directory (`..`, symlink
-//! and hard-link escapes are refused, see [`UnsafeReason`]). Device nodes are allowed by
+//! A layer is applied onto its parents, as if its tar were extracted onto the root file
+//! system they make up: names resolve through the merged view of the layers (symlinks of
+//! lower layers included), and a hard link to a lower layer's file copies that file up into
+//! the new layer first. Layer tars may end early, as Go's archive/tar allows.
+//!
+//! Layer tars are untrusted: nothing is written outside the layer directory (`..` and
+//! hard-link escapes are refused, see [`UnsafeReason`]; symlinks resolve inside the image's
+//! root file system, as in a chroot). Device nodes are allowed by
 //! default (berthd runs as root and images such as those with `/dev` entries carry them);
 //! [`Snapshotter::allow_device_nodes`] turns them off. There is no copying fallback for
 //! hosts without overlayfs yet.
@@ -20,6 +26,8 @@ mod chain;
 mod digest;
 mod error;
 mod layout;
+mod lenient;
+mod merged;
 mod overlay;
 mod pipe;
 mod unpack;
@@ -218,11 +226,11 @@ impl Snapshotter {
     }
 
     /// The first half of an unpack, for pipelines that unpack a layer while its bytes are
-    /// still arriving and before the layers below it are in place: unpacks `reader` into a
-    /// temp dir and verifies `diff_id`, but does not make the layer visible.
-    /// [`Snapshotter::commit_layer`] does, once the caller has checked whatever else it
-    /// must (the compressed digest) and `parent` exists; dropping the [`PreparedLayer`]
-    /// instead removes it.
+    /// still arriving: unpacks `reader` into a temp dir on top of `parent` (which must be in
+    /// place: a layer's names resolve through the layers below it) and verifies `diff_id`,
+    /// but does not make the layer visible. [`Snapshotter::commit_layer`] does, once the
+    /// caller has checked whatever else it must (the compressed digest); dropping the
+    /// [`PreparedLayer`] instead removes it.
     pub fn prepare_layer(
         &self,
         parent: Option<&str>,
@@ -231,15 +239,17 @@ impl Snapshotter {
         reader: impl Read + Send,
         compression: Compression,
     ) -> Result<PreparedLayer, SnapshotError> {
-        diff_hex(diff_id)?;
-        if let Some(p) = parent {
-            chain_hex(p)?;
-        }
+        self.check_unpack(parent, diff_id)?;
+        let lowers = match parent {
+            Some(p) => self.layout.lower_dirs(p)?,
+            None => Vec::new(),
+        };
         let chain_id = child_chain_id(parent, diff_id);
         let started = std::time::Instant::now();
         let tmp = unpack::prepare(
             &self.layout,
             parent,
+            &lowers,
             diff_id,
             origin,
             reader,
@@ -250,8 +260,8 @@ impl Snapshotter {
         Ok(PreparedLayer { tmp: Some(tmp), chain_id, parent: parent.map(str::to_owned) })
     }
 
-    /// Puts a prepared layer in place and returns its chain ID. Its parent must exist by
-    /// now ([`SnapshotError::ParentNotFound`] otherwise, and the layer is removed).
+    /// Puts a prepared layer in place and returns its chain ID. Its parent must still exist
+    /// ([`SnapshotError::ParentNotFound`] otherwise, and the layer is removed).
     pub fn commit_layer(&self, mut layer: PreparedLayer) -> Result<String, SnapshotError> {
         if let Some(p) = &layer.parent
             && !self.has(p)

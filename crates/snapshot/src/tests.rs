@@ -407,21 +407,26 @@ fn dotdot_escapes_are_refused() {
 }
 
 #[test]
-fn symlink_escapes_are_refused() {
+fn symlink_escapes_stay_inside() {
     let env = Env::new();
     let outside = env.outside();
     let abs = outside.to_str().unwrap();
     let rel = format!("{}{}", "../".repeat(20), abs.trim_start_matches('/'));
-    for target in [abs, rel.as_str(), "/etc"] {
+    // As in a chroot: an absolute target starts at the layer's root, `..` stops there.
+    let inside = abs.trim_start_matches('/');
+    for (target, lands) in [(abs, inside), (rel.as_str(), inside), ("/etc", "etc")] {
         // Write through a symlinked directory.
         let tar = Layer::new().symlink("evil", target).file("evil/passwd", b"pwned").finish();
-        assert_unsafe(env.unpack(None, &tar), UnsafeReason::SymlinkEscape);
+        let id = env.unpack(None, &tar).unwrap();
+        assert_eq!(fs::read(env.fs(&id).join(lands).join("passwd")).unwrap(), b"pwned");
         // Create a directory through it.
         let tar = Layer::new().symlink("evil", target).dir("evil/sub/").finish();
-        assert_unsafe(env.unpack(None, &tar), UnsafeReason::SymlinkEscape);
+        let id = env.unpack(None, &tar).unwrap();
+        assert!(env.fs(&id).join(lands).join("sub").is_dir());
         // Whiteout through it.
         let tar = Layer::new().symlink("evil", target).file("evil/.wh.secret", b"").finish();
-        assert_unsafe(env.unpack(None, &tar), UnsafeReason::SymlinkEscape);
+        let id = env.unpack(None, &tar).unwrap();
+        assert!(is_whiteout(&env.fs(&id).join(lands).join("secret")));
     }
     // A symlink to a file outside, then a regular file of the same name: replaced, not
     // written through.
@@ -430,10 +435,14 @@ fn symlink_escapes_are_refused() {
     let id = env.unpack(None, &tar).unwrap();
     assert_eq!(fs::read(env.fs(&id).join("s")).unwrap(), b"overwrite");
 
+    // A symlink loop is refused.
+    let tar = Layer::new().symlink("a", "b").symlink("b", "a").file("a/x", b"x").finish();
+    assert_unsafe(env.unpack(None, &tar), UnsafeReason::SymlinkEscape);
+
     assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host data");
     assert_eq!(list(&outside).unwrap(), ["secret"]);
     assert!(!Path::new("/etc/passwd-berth-test").exists());
-    assert_eq!(env.layer_dir_names().len(), 1);
+    assert_eq!(env.layer_dir_names().len(), 10);
 }
 
 #[test]
@@ -722,34 +731,47 @@ fn unpack_from_reader_in_every_compression() {
 }
 
 #[test]
-fn prepared_layers_commit_bottom_up_and_vanish_when_dropped() {
+fn prepared_layers_need_their_parent_and_vanish_when_dropped() {
     let env = Env::new();
     let base = Layer::new().file("base", b"b").finish();
     let top = Layer::new().file("top", b"t").finish();
     let base_chain = digest(&base);
-    // The top layer is prepared before its parent exists.
+    // A layer applies onto its parents: they must be in place before it is prepared.
     let gz = compress(&top, Compression::Gzip);
+    let err = env
+        .snap
+        .prepare_layer(Some(&base_chain), &digest(&top), Path::new("t"), &gz[..], Compression::Gzip)
+        .unwrap_err();
+    assert!(matches!(err, SnapshotError::ParentNotFound(ref p) if *p == base_chain), "{err}");
+    assert!(env.layer_dir_names().is_empty());
+    let prepared_base = env
+        .snap
+        .prepare_layer(None, &digest(&base), Path::new("b"), &base[..], Compression::None)
+        .unwrap();
+    assert_eq!(env.snap.commit_layer(prepared_base).unwrap(), base_chain);
     let prepared_top = env
         .snap
         .prepare_layer(Some(&base_chain), &digest(&top), Path::new("t"), &gz[..], Compression::Gzip)
         .unwrap();
     let top_chain = prepared_top.chain_id().to_owned();
     assert!(!env.snap.has(&top_chain));
-    let prepared_base = env
-        .snap
-        .prepare_layer(None, &digest(&base), Path::new("b"), &base[..], Compression::None)
-        .unwrap();
-    // Committing out of order is refused, and the refused layer is removed.
-    let err = env.snap.commit_layer(prepared_top).unwrap_err();
-    assert!(matches!(err, SnapshotError::ParentNotFound(ref p) if *p == base_chain), "{err}");
-    assert_eq!(env.snap.commit_layer(prepared_base).unwrap(), base_chain);
-    // Prepared again, committed in order.
-    let prepared_top = env
-        .snap
-        .prepare_layer(Some(&base_chain), &digest(&top), Path::new("t"), &gz[..], Compression::Gzip)
-        .unwrap();
     assert_eq!(env.snap.commit_layer(prepared_top).unwrap(), top_chain);
     assert_eq!(env.snap.parent(&top_chain).unwrap().as_deref(), Some(base_chain.as_str()));
+    // A parent removed before the commit: refused, and the refused layer is removed.
+    let other_top = Layer::new().file("other-top", b"t").finish();
+    let prepared = env
+        .snap
+        .prepare_layer(
+            Some(&top_chain),
+            &digest(&other_top),
+            Path::new("t"),
+            &other_top[..],
+            Compression::None,
+        )
+        .unwrap();
+    env.snap.remove(&top_chain).unwrap();
+    let err = env.snap.commit_layer(prepared).unwrap_err();
+    assert!(matches!(err, SnapshotError::ParentNotFound(ref p) if *p == top_chain), "{err}");
     // A prepared layer that is dropped leaves nothing.
     let other = Layer::new().file("other", b"o").finish();
     let dropped = env
@@ -757,11 +779,7 @@ fn prepared_layers_commit_bottom_up_and_vanish_when_dropped() {
         .prepare_layer(None, &digest(&other), Path::new("o"), &other[..], Compression::None)
         .unwrap();
     drop(dropped);
-    let mut names = list(&env.snap.layout.layers()).unwrap();
-    names.sort();
-    let mut want = vec![base_chain[7..].to_owned(), top_chain[7..].to_owned()];
-    want.sort();
-    assert_eq!(names, want);
+    assert_eq!(list(&env.snap.layout.layers()).unwrap(), [base_chain[7..].to_owned()]);
 }
 
 #[test]
@@ -783,4 +801,236 @@ fn streamed_diff_id_mismatch_leaves_nothing() {
         .unwrap_err();
     assert!(matches!(err, SnapshotError::ReadLayer { .. }), "{err}");
     assert!(list(&env.snap.layout.layers()).unwrap().is_empty());
+}
+
+impl Env {
+    /// Unpacks `tars` bottom up, each on the one before; returns their chain IDs.
+    fn stack(&self, tars: &[Vec<u8>]) -> Result<Vec<String>, SnapshotError> {
+        let mut chains: Vec<String> = Vec::new();
+        for tar in tars {
+            let id = self.unpack(chains.last().map(String::as_str), tar)?;
+            chains.push(id);
+        }
+        Ok(chains)
+    }
+}
+
+/// A tar (two files, `a` of 600 bytes and `b` of 100) cut to each tail shape writers leave.
+#[test]
+fn layers_ending_early_unpack_and_keep_their_digest() {
+    let env = Env::new();
+    let tar = Layer::new().file("a", &[b'a'; 600]).file("b", &[b'b'; 100]).finish();
+    // header a, two blocks of a, header b, one block of b, two end blocks.
+    assert_eq!(tar.len(), 512 * 7);
+    let b_end = 512 * 4 + 100;
+    for (what, len) in [
+        ("whole", tar.len()),
+        ("one end block", tar.len() - 512),
+        ("no end blocks", tar.len() - 1024),
+        ("partial padding", b_end + 200),
+        ("no padding", b_end),
+    ] {
+        let cut = &tar[..len];
+        for c in [Compression::None, Compression::Gzip] {
+            // The diff ID is over the bytes as they are.
+            let id = env.unpack_as(None, cut, c).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(fs::read(env.fs(&id).join("a")).unwrap(), [b'a'; 600], "{what}");
+            assert_eq!(fs::read(env.fs(&id).join("b")).unwrap(), [b'b'; 100], "{what}");
+        }
+    }
+    // Cut inside b's data, inside a's data, inside b's header: errors, nothing left.
+    for len in [b_end - 1, 512 + 300, 512 * 3 + 100] {
+        let r = env.unpack_as(None, &tar[..len], Compression::Gzip);
+        assert!(matches!(r, Err(SnapshotError::ReadLayer { .. })), "{len}: {r:?}");
+    }
+    assert_eq!(env.layer_dir_names().len(), 5);
+    // And a bad checksum is still one.
+    let mut bad = tar[..b_end].to_vec();
+    bad[512 * 3 + 148] ^= 1;
+    let r = env.unpack_as(None, &bad, Compression::None);
+    assert!(matches!(r, Err(SnapshotError::ReadLayer { .. })), "{r:?}");
+}
+
+#[test]
+fn entries_resolve_through_lower_symlinks() {
+    let env = Env::new();
+    let mut usr = Layer::header(EntryType::Directory, 0, 0o750);
+    usr.set_uid(42);
+    usr.set_mtime(1_200_000_000);
+    let base = Layer::new()
+        .with(usr, "usr/", &[])
+        .dir("usr/lib/")
+        .symlink("lib", "usr/lib")
+        .symlink("abslib", "/usr/lib")
+        .symlink("usr/lib64", "lib")
+        .finish();
+    let top = Layer::new()
+        .file("lib/foo.so", b"foo")
+        .file("abslib/bar.so", b"bar")
+        .dir("usr/lib64/sub/")
+        .file("usr/lib64/sub/baz.so", b"baz")
+        // The entry's own name is never followed: a lower symlink is replaced.
+        .file("abslib", b"now a file")
+        .finish();
+    let chains = env.stack(&[base, top]).unwrap();
+    let fs = env.fs(&chains[1]);
+    assert_eq!(fs::read(fs.join("usr/lib/foo.so")).unwrap(), b"foo");
+    assert_eq!(fs::read(fs.join("usr/lib/bar.so")).unwrap(), b"bar");
+    assert_eq!(fs::read(fs.join("usr/lib/sub/baz.so")).unwrap(), b"baz");
+    assert!(!fs.join("lib").exists());
+    assert!(!fs.join("usr/lib64").exists());
+    assert_eq!(fs::read(fs.join("abslib")).unwrap(), b"now a file");
+    // Directories created for the way keep what the lower layer had (overlayfs shows the
+    // upper's directory).
+    let m = fs::metadata(fs.join("usr")).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777, m.mtime()), (42, 0o750, 1_200_000_000));
+    // The lower layer is untouched.
+    assert!(!env.fs(&chains[0]).join("usr/lib/foo.so").exists());
+}
+
+#[test]
+fn escapes_through_lower_symlinks_stay_inside() {
+    let env = Env::new();
+    let outside = env.outside();
+    let abs = outside.to_str().unwrap();
+    let base = Layer::new()
+        .symlink("evil", "/../../etc")
+        .symlink("up", "../../../")
+        .symlink("abs", abs)
+        .symlink("d/deep", "../../../../outside")
+        .finish();
+    let top = Layer::new()
+        .file("evil/passwd", b"1")
+        .file("up/x", b"2")
+        .file("abs/secret", b"3")
+        .file("d/deep/y", b"4")
+        .finish();
+    let chains = env.stack(&[base, top]).unwrap();
+    let fs = env.fs(&chains[1]);
+    assert_eq!(fs::read(fs.join("etc/passwd")).unwrap(), b"1");
+    assert_eq!(fs::read(fs.join("x")).unwrap(), b"2");
+    assert_eq!(fs::read(fs.join(abs.trim_start_matches('/')).join("secret")).unwrap(), b"3");
+    assert_eq!(fs::read(fs.join("outside/y")).unwrap(), b"4");
+    assert_eq!(fs::read(outside.join("secret")).unwrap(), b"host data");
+    assert_eq!(list(&outside).unwrap(), ["secret"]);
+}
+
+#[test]
+fn whiteouts_and_opaque_dirs_hide_lower_symlinks() {
+    let env = Env::new();
+    let l1 = Layer::new()
+        .dir("usr/lib/")
+        .symlink("lib", "usr/lib")
+        .symlink("d/link", "../usr/lib")
+        .finish();
+    let l2 = Layer::new().file(".wh.lib", b"").file("d/.wh..wh..opq", b"").finish();
+    let l3 = Layer::new().file("lib/foo", b"f").file("d/link/bar", b"b").finish();
+    let chains = env.stack(&[l1, l2, l3]).unwrap();
+    let fs = env.fs(&chains[2]);
+    assert_eq!(fs::read(fs.join("lib/foo")).unwrap(), b"f");
+    assert_eq!(fs::read(fs.join("d/link/bar")).unwrap(), b"b");
+    assert!(!fs.join("usr").exists());
+    // A directory this layer makes where it whited a lower symlink out hides it.
+    let l4 = Layer::new().file(".wh.lib", b"").file("lib/baz", b"z").finish();
+    let c4 = env.unpack(Some(&chains[0]), &l4).unwrap();
+    let fs4 = env.fs(&c4);
+    assert_eq!(fs::read(fs4.join("lib/baz")).unwrap(), b"z");
+    assert!(opaque(&fs4.join("lib")));
+    assert!(!fs4.join("usr").exists());
+}
+
+#[test]
+fn hard_links_to_lower_files_copy_them_up() {
+    let env = Env::new();
+    let mut a = Layer::header(EntryType::Regular, 5, 0o4751);
+    a.set_uid(7);
+    a.set_gid(8);
+    a.set_mtime(1_300_000_000);
+    let base = Layer::new()
+        .dir("usr/")
+        .dir("usr/bin/")
+        .pax(&[("SCHILY.xattr.trusted.berth", b"cap")])
+        .with(a, "usr/bin/a", b"hello")
+        .symlink("usr/bin/sl", "a")
+        .finish();
+    let top = Layer::new()
+        .hardlink("usr/bin/b", "usr/bin/a")
+        .hardlink("/other", "/usr/bin/a")
+        .hardlink("sl2", "usr/bin/sl")
+        .finish();
+    let chains = env.stack(&[base, top]).unwrap();
+    let fs = env.fs(&chains[1]);
+    let a = fs::metadata(fs.join("usr/bin/a")).unwrap();
+    assert_eq!(fs::read(fs.join("usr/bin/a")).unwrap(), b"hello");
+    assert_eq!((a.uid(), a.gid(), a.mode() & 0o7777, a.mtime()), (7, 8, 0o4751, 1_300_000_000));
+    assert_eq!(a.nlink(), 3);
+    assert_eq!(fs::metadata(fs.join("usr/bin/b")).unwrap().ino(), a.ino());
+    assert_eq!(fs::metadata(fs.join("other")).unwrap().ino(), a.ino());
+    assert_eq!(
+        xattr::get(fs.join("usr/bin/b"), "trusted.berth").unwrap().as_deref(),
+        Some(&b"cap"[..])
+    );
+    assert_eq!(fs::read_link(fs.join("sl2")).unwrap(), Path::new("a"));
+    assert_eq!(fs::read_link(fs.join("usr/bin/sl")).unwrap(), Path::new("a"));
+    // The lower file is untouched.
+    assert_eq!(fs::metadata(env.fs(&chains[0]).join("usr/bin/a")).unwrap().nlink(), 1);
+}
+
+#[test]
+fn hard_links_to_lower_files_cannot_escape() {
+    let env = Env::new();
+    let outside = env.outside();
+    let base = Layer::new()
+        .symlink("s", outside.to_str().unwrap())
+        .dir("d/")
+        .file("d/f", b"1")
+        .symlink("ds", "d")
+        .file("gone", b"g")
+        .finish();
+    let c1 = env.unpack(None, &base).unwrap();
+    for (target, want) in [
+        ("s/secret", UnsafeReason::HardlinkThroughSymlink),
+        ("ds/f", UnsafeReason::HardlinkThroughSymlink),
+        ("../outside/secret", UnsafeReason::HardlinkOutside),
+        ("./", UnsafeReason::HardlinkToRoot),
+    ] {
+        let top = Layer::new().hardlink("h", target).finish();
+        assert_unsafe(env.unpack(Some(&c1), &top), want);
+    }
+    // A lower file a middle layer whited out is not there to link to.
+    let c2 = env.unpack(Some(&c1), &Layer::new().file(".wh.gone", b"").finish()).unwrap();
+    let r = env.unpack(Some(&c2), &Layer::new().hardlink("h", "gone").finish());
+    match r {
+        Err(SnapshotError::ApplyEntry { action, source, .. }) => {
+            assert!(action.contains("neither"), "{action}");
+            assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fs::metadata(outside.join("secret")).unwrap().nlink(), 1);
+    assert_eq!(env.layer_dir_names().len(), 2, "{:?}", env.layer_dir_names());
+}
+
+#[test]
+fn merged_rootfs_shows_files_written_through_lower_symlinks() {
+    let env = Env::new();
+    let base = Layer::new()
+        .dir("./")
+        .dir("usr/lib/")
+        .symlink("lib", "usr/lib")
+        .file("usr/lib/a", b"a")
+        .finish();
+    let top = Layer::new().file("lib/b", b"b").hardlink("lib/c", "usr/lib/a").finish();
+    let chains = env.stack(&[base, top]).unwrap();
+    let target = env.tmp.path().join("rootfs");
+    fs::create_dir(&target).unwrap();
+    let _guard = MountGuard(target.clone());
+    if try_mount(env.snap.prepare_rootfs("merged", &chains[1], &target, true)).is_none() {
+        return;
+    }
+    assert_eq!(fs::read(target.join("lib/b")).unwrap(), b"b");
+    assert_eq!(fs::read(target.join("lib/c")).unwrap(), b"a");
+    assert_eq!(fs::read(target.join("usr/lib/a")).unwrap(), b"a");
+    env.snap.remove_rootfs("merged", &target).unwrap();
+    assert!(!is_mounted(&target));
 }

@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 use crate::apply::{self, Policy};
 use crate::digest::HashingReader;
 use crate::layout::Layout;
+use crate::lenient::Lenient;
 use crate::pipe::decode_in_thread;
 use crate::{Compression, SnapshotError};
 
@@ -19,11 +20,14 @@ use crate::{Compression, SnapshotError};
 const READ_BUF: usize = 256 * 1024;
 
 /// Unpacks the layer stream `reader` into a fresh temp dir under `layers/` (whose `parent`
-/// file names `parent`, which need not exist yet) and checks its diff ID. Returns the temp
-/// dir; on error nothing is left behind. `origin` names the blob in messages.
+/// file names `parent`) on top of the parent layers' directories `lowers` (top first), and
+/// checks its diff ID. Returns the temp dir; on error nothing is left behind. `origin` names
+/// the blob in messages.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn prepare(
     layout: &Layout,
     parent: Option<&str>,
+    lowers: &[PathBuf],
     diff_id: &str,
     origin: &Path,
     reader: impl Read + Send,
@@ -36,7 +40,7 @@ pub(crate) fn prepare(
         path: tmp.clone(),
         source,
     })?;
-    match fill(&tmp, parent, diff_id, origin, reader, compression, policy) {
+    match fill(&tmp, parent, lowers, diff_id, origin, reader, compression, policy) {
         Ok(()) => Ok(tmp),
         Err(e) => {
             remove_quietly(&tmp);
@@ -63,9 +67,11 @@ pub(crate) fn commit(layout: &Layout, chain_id: &str, tmp: &Path) -> Result<(), 
 }
 
 /// Writes `fs/` and `parent` into the temp dir.
+#[allow(clippy::too_many_arguments)]
 fn fill(
     tmp: &Path,
     parent: Option<&str>,
+    lowers: &[PathBuf],
     diff_id: &str,
     origin: &Path,
     reader: impl Read + Send,
@@ -78,7 +84,7 @@ fn fill(
         path: fs_dir.clone(),
         source,
     })?;
-    unpack_stream(&fs_dir, origin, reader, compression, diff_id, policy)?;
+    unpack_stream(&fs_dir, lowers, origin, reader, compression, diff_id, policy)?;
     if let Some(parent) = parent {
         let path = tmp.join("parent");
         fs::write(&path, parent).map_err(|source| SnapshotError::Io {
@@ -103,6 +109,7 @@ pub(crate) fn open_blob(blob: &Path) -> Result<File, SnapshotError> {
 /// digest of the whole uncompressed stream against `diff_id`.
 fn unpack_stream(
     fs_dir: &Path,
+    lowers: &[PathBuf],
     origin: &Path,
     reader: impl Read + Send,
     compression: Compression,
@@ -112,7 +119,7 @@ fn unpack_stream(
     // Buffered whatever the source: tar reads headers 512 bytes at a time, decoders read
     // their input in small pieces too.
     let buffered = BufReader::with_capacity(READ_BUF, reader);
-    let untar = |plain| untar(fs_dir, origin, plain, diff_id, policy);
+    let untar = |plain| untar(fs_dir, lowers, origin, plain, diff_id, policy);
     match compression {
         Compression::None => untar(Box::new(buffered)),
         // Multi-member: some writers (pigz, concatenated streams) emit several gzip members.
@@ -133,16 +140,21 @@ fn unpack_stream(
 /// Writes the tar stream `plain` into `fs_dir` while hashing it, then checks the hash.
 fn untar(
     fs_dir: &Path,
+    lowers: &[PathBuf],
     origin: &Path,
     plain: Box<dyn Read + '_>,
     diff_id: &str,
     policy: Policy,
 ) -> Result<(), SnapshotError> {
-    let mut archive = tar::Archive::new(HashingReader::new(plain));
-    apply::apply(&mut archive, fs_dir, origin, policy)?;
+    // Hashing below the lenient reader: the diff ID is over the bytes as they are, never
+    // over the padding it makes up for a stream that ends early.
+    let (lenient, end) = Lenient::new(HashingReader::new(plain));
+    let mut archive = tar::Archive::new(lenient);
+    apply::apply(&mut archive, fs_dir, lowers, &end, origin, policy)?;
     // The tar end marker is not the end of the stream: zero padding up to the record size
     // follows, and it counts in the diff ID.
     let actual = archive
+        .into_inner()
         .into_inner()
         .finish()
         .map_err(|source| SnapshotError::ReadLayer { blob: origin.to_owned(), source })?;
