@@ -100,9 +100,10 @@ pub fn load_profile(path: &Path) -> Result<LinuxSeccomp, SpecError> {
 
 /// The `linux.seccomp` of the container.
 ///
-/// Privileged containers get no filter for `RuntimeDefault` (the kubelet sends that by default
-/// when `seccompDefault` is on, and the CRI says privileged means unconfined), but an explicit
-/// `Localhost` profile is still applied.
+/// Privileged containers get no filter at all, whatever the profile (the kubelet sends
+/// `RuntimeDefault` by default when `seccompDefault` is on, and the CRI says privileged means
+/// unconfined): containerd skips seccomp for them the same way, and critest checks that a
+/// `Localhost` profile blocking `sethostname` is ignored when privileged.
 pub fn seccomp_for(
     choice: &SeccompChoice,
     privileged: bool,
@@ -110,7 +111,7 @@ pub fn seccomp_for(
 ) -> Result<Option<LinuxSeccomp>, SpecError> {
     match choice {
         SeccompChoice::Unconfined => Ok(None),
-        SeccompChoice::RuntimeDefault if privileged => Ok(None),
+        _ if privileged => Ok(None),
         SeccompChoice::RuntimeDefault => {
             Ok(Some(default_profile(effective_caps, HostArch::current())))
         }
@@ -225,5 +226,8 @@ mod tests {
         assert!(seccomp_for(&SeccompChoice::RuntimeDefault, true, &caps).unwrap().is_none());
         assert!(seccomp_for(&SeccompChoice::Unconfined, false, &caps).unwrap().is_none());
         assert!(seccomp_for(&SeccompChoice::RuntimeDefault, false, &caps).unwrap().is_some());
+        // A Localhost profile too: privileged is unconfined (it is not even read).
+        let missing = SeccompChoice::Localhost("/nonexistent/profile.json".into());
+        assert!(seccomp_for(&missing, true, &caps).unwrap().is_none());
     }
 }
