@@ -212,7 +212,7 @@ mod tests {
 
         let missing = dir.path().join("missing.json");
         assert!(matches!(
-            seccomp_for(&SeccompChoice::Localhost(missing), true, &Default::default()),
+            seccomp_for(&SeccompChoice::Localhost(missing), false, &Default::default()),
             Err(SpecError::SeccompProfileRead { .. })
         ));
         let bad = dir.path().join("bad.json");
