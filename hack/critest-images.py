@@ -102,6 +102,18 @@ int main(int argc, char **argv) {
     for (;;) { int st; pid_t p = wait(&st); if (p == child) return WIFEXITED(st) ? WEXITSTATUS(st) : 1; if (p < 0) pause(); }
 }
 """
+PGREP_SH = """#!/bin/sh
+# pgrep NAME: the pids whose comm is NAME; exit 1 when there are none.
+found=1
+for d in /proc/[0-9]*; do
+    [ "$(cat "$d/comm" 2>/dev/null)" = "$1" ] && echo "${d#/proc/}" && found=0
+done
+exit $found
+"""
+IPCS_SH = """#!/bin/sh
+# ipcs -m: the shared memory segments of this IPC namespace (key, shmid, ...).
+cat /proc/sysvipc/shm
+"""
 NNP_C = r"""
 #include <stdio.h>
 #include <unistd.h>
@@ -133,43 +145,38 @@ class Layer:
             if d and d not in self.seen:
                 self.dir(d)
 
-    def dir(self, path, mode=0o755):
+    def _add(self, path, kind, mode, data=None, uid=0, gid=0, linkname=""):
+        """Adds one entry (and its missing parent dirs) unless the path is there already."""
         path = path.strip("/")
         if path in self.seen:
             return
         self._dirs(path)
         self.seen.add(path)
         ti = tarfile.TarInfo(path)
-        ti.type = tarfile.DIRTYPE
-        ti.mode = mode
-        ti.mtime = 0
-        self.tar.addfile(ti)
-
-    def file(self, path, data, mode=0o644, uid=0, gid=0):
-        path = path.strip("/")
-        if isinstance(data, str):
-            data = data.encode()
-        self._dirs(path)
-        self.seen.add(path)
-        ti = tarfile.TarInfo(path)
-        ti.size = len(data)
+        ti.type = kind
         ti.mode = mode
         ti.uid, ti.gid = uid, gid
+        ti.linkname = linkname
         ti.mtime = 0
-        self.tar.addfile(ti, io.BytesIO(data))
+        if data is None:
+            self.tar.addfile(ti)
+        else:
+            ti.size = len(data)
+            self.tar.addfile(ti, io.BytesIO(data))
+
+    def dir(self, path, mode=0o755):
+        self._add(path, tarfile.DIRTYPE, mode)
+
+    def file(self, path, data, mode=0o644, uid=0, gid=0):
+        if isinstance(data, str):
+            data = data.encode()
+        self._add(path, tarfile.REGTYPE, mode, data, uid, gid)
 
     def symlink(self, path, target):
-        path = path.strip("/")
-        if path in self.seen:
-            return
-        self._dirs(path)
-        self.seen.add(path)
-        ti = tarfile.TarInfo(path)
-        ti.type = tarfile.SYMTYPE
-        ti.linkname = target
-        ti.mode = 0o777
-        ti.mtime = 0
-        self.tar.addfile(ti)
+        self._add(path, tarfile.SYMTYPE, 0o777, linkname=target)
+
+    def hardlink(self, path, target):
+        self._add(path, tarfile.LNKTYPE, 0o755, linkname=target.strip("/"))
 
     def finish(self):
         self.tar.close()
@@ -238,10 +245,15 @@ def base_layer(busybox):
     l.dir("tmp", 0o1777)
     l.dir("var/tmp", 0o1777)
     l.file("bin/busybox", bb, 0o755)
+    # Hard links, as in the upstream busybox images: masking one applet (critest masks
+    # /bin/ls) must not mask the busybox binary a symlink would resolve to.
     for a in applets:
         if a == "bin/busybox":
             continue
-        l.symlink(a, "/bin/busybox")
+        l.hardlink(a, "bin/busybox")
+    # Debian's static busybox has neither pgrep nor ipcs, which critest execs.
+    l.file("usr/bin/pgrep", PGREP_SH, 0o755)
+    l.file("usr/bin/ipcs", IPCS_SH, 0o755)
     l.file("etc/passwd", PASSWD)
     l.file("etc/group", GROUP)
     l.file("etc/hostname", "localhost\n")
@@ -314,7 +326,9 @@ def main():
          entrypoint=["/usr/sbin/nginx"], env=["NGINX_PORT=12003"], ports=[12003])
     push(e2e + "httpd", ["2.4.39-4"],
          extra={"usr/local/apache2/htdocs/index.html": ("<html><body><h1>It works!</h1></body></html>\n", 0o644)},
-         cmd=["httpd", "-f", "-v", "-p", "80", "-h", "/usr/local/apache2/htdocs"], ports=[80])
+         # Apache's httpd logs its start; busybox httpd logs nothing until a request comes.
+         cmd=["sh", "-c", "echo 'httpd: serving /usr/local/apache2/htdocs on :80'; "
+              "exec httpd -f -v -p 80 -h /usr/local/apache2/htdocs"], ports=[80])
     push(e2e + "nonewprivs", ["1.3"], extra={"usr/local/bin/nnp": (helpers["nnp"], 0o4755)},
          cmd=None, entrypoint=["/usr/local/bin/nnp"])
     push("pause", ["3.9"], layers_base=False, extra={"pause": (helpers["pause"], 0o755)},

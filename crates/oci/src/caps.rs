@@ -77,12 +77,16 @@ pub const DEFAULT: &[Capability] = &[
 /// outside its own bounding set (as on VMs whose bounding set lacks `CAP_SYS_RESOURCE`).
 /// Privileged and `add: [ALL]` containers get exactly this set, as containerd gives them the
 /// capabilities of its own process. Falls back to every capability the kernel knows when
-/// the file cannot be read.
-pub fn held_capabilities() -> Capabilities {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| held_from_status(&status))
-        .unwrap_or_else(kernel_capabilities)
+/// the file cannot be read. Read once: a process's bounding set only ever shrinks, and
+/// berthd drops none of its capabilities after start.
+pub fn held_capabilities() -> &'static Capabilities {
+    static HELD: std::sync::OnceLock<Capabilities> = std::sync::OnceLock::new();
+    HELD.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| held_from_status(&status))
+            .unwrap_or_else(kernel_capabilities)
+    })
 }
 
 /// The held set from the text of `/proc/<pid>/status`; `None` when a mask is missing.

@@ -165,7 +165,7 @@ pub fn container_spec(input: &ContainerSpecInput<'_>) -> Result<Spec, SpecError>
     oci_user.set_additional_gids(Some(resolved.additional_gids));
 
     let held_caps = caps::held_capabilities();
-    let capabilities = caps::capabilities(sc.capabilities.as_ref(), privileged, &held_caps)?;
+    let capabilities = caps::capabilities(sc.capabilities.as_ref(), privileged, held_caps)?;
     let effective = capabilities.effective().clone().unwrap_or_default();
 
     let linux_resources =
