@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::console::{ConsoleSocket, master_reader};
 use crate::log::{LogWriter, Stream, copy_stream};
-use crate::oom::OomCounter;
+use crate::oom::{OomBaseline, OomCounter};
 use crate::pipe::pipe;
 use crate::reaper::{Reaped, Reaper, spawn, wait_or_kill};
 use crate::runtime_cmd::{
@@ -198,6 +198,8 @@ impl EmbeddedShim {
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }
         let display = display_command(&cmd);
+        // Before the runtime makes the cgroup: a kill during the start is the task's own.
+        let oom_baseline = t.memory_cgroup.as_deref().map(OomBaseline::before_create);
         let reaper = Reaper::global()?;
         let before = Instant::now();
         let child = spawn(&mut cmd)
@@ -266,7 +268,11 @@ impl EmbeddedShim {
         let init_exited = reaper.register(pid as i32, before);
 
         let mut background: Vec<_> = copiers.iter().map(|h| h.abort_handle()).collect();
-        let oom = t.memory_cgroup.as_deref().and_then(OomCounter::open);
+        let oom = t
+            .memory_cgroup
+            .as_deref()
+            .zip(oom_baseline)
+            .and_then(|(dir, baseline)| OomCounter::open_since(dir, baseline));
         if let Some(oom) = &oom {
             match oom.watch(id.clone(), self.events.clone()) {
                 Ok(h) => background.push(h.abort_handle()),
@@ -278,7 +284,7 @@ impl EmbeddedShim {
             id.clone(),
             pid,
             init_exited,
-            oom,
+            oom.clone(),
             copiers,
             exit_tx,
             self.events.clone(),
@@ -290,6 +296,7 @@ impl EmbeddedShim {
             started: AtomicBool::new(t.start),
             exit: exit_rx,
             log,
+            oom,
             stdin: Mutex::new(stdin_keep),
             background: Mutex::new(background),
         });
@@ -432,7 +439,14 @@ async fn monitor_exit(
         }
     };
     // Read the OOM counter now, before anyone runs `delete` and the cgroup disappears.
-    let oom_killed = oom.as_ref().is_some_and(|c| c.main_process_oom_killed(code));
+    let oom_killed = oom.as_ref().is_some_and(|c| {
+        let killed = c.main_process_oom_killed(code);
+        if killed {
+            // The watcher may not have seen it yet (v1 notifies before the kill is counted).
+            c.report_new_kills(&id, &events);
+        }
+        killed
+    });
     let drained = tokio::time::timeout(LOG_DRAIN_BOUND, async {
         for h in copiers {
             let _ = h.await;
@@ -462,7 +476,20 @@ impl EmbeddedShim {
             return Err(ShimError::NotRunning { id: id.to_owned() });
         }
         crate::exec::check_process_json(id, process_json)?;
-        crate::exec::exec_sync_json(&task.runtime, &task.dir, id, process_json, timeout).await
+        let out = crate::exec::exec_sync_json(&task.runtime, &task.dir, id, process_json, timeout)
+            .await?;
+        self.note_exec_exit(&task, id, &out);
+        Ok(out)
+    }
+
+    /// An exec'd process that died of SIGKILL may be an OOM victim the watcher has not
+    /// reported yet: by now the kernel has counted the kill.
+    fn note_exec_exit(&self, task: &Task, id: &str, out: &ExecOutput) {
+        if out.exit_code == 128 + libc::SIGKILL
+            && let Some(oom) = &task.oom
+        {
+            oom.report_new_kills(id, &self.events);
+        }
     }
 }
 
@@ -548,7 +575,9 @@ impl Shim for EmbeddedShim {
         if task.exit().is_some() {
             return Err(ShimError::NotRunning { id: id.to_owned() });
         }
-        crate::exec::exec_sync(&task.runtime, &task.dir, id, &process, timeout).await
+        let out = crate::exec::exec_sync(&task.runtime, &task.dir, id, &process, timeout).await?;
+        self.note_exec_exit(&task, id, &out);
+        Ok(out)
     }
 
     async fn reopen_log(&self, id: &str) -> Result<(), ShimError> {

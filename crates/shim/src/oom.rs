@@ -10,11 +10,26 @@
 //! process counts as OOM-killed only if it died of `SIGKILL` (exit code 137) *and* the counter
 //! rose during its life. Remaining edge: an exec'd process OOM-killed while the main process
 //! is `SIGKILL`ed by someone else is reported as the main process's OOM kill.
+//!
+//! Two races make this inexact if taken naively, and both are closed here:
+//! - A container killed at once on start (it allocates more than its limit right away) is
+//!   dead before the runtime returns, so a baseline read after the start already holds its
+//!   kill. The baseline is taken *before* the runtime creates the cgroup
+//!   ([`OomBaseline::before_create`]): zero for a cgroup that does not exist yet.
+//! - cgroup v1 signals the eventfd when the cgroup *enters* OOM, before the kernel has chosen
+//!   and counted a victim, so a watcher that reads the counter right away can see no rise and
+//!   miss the kill. After a notification without a rise the watcher reads again a few times
+//!   over the next second; and every SIGKILLed exit (main process or exec) reads the counter
+//!   once more, which is exact: the kill is counted before the victim's signal is sent. One
+//!   shared high-water mark keeps a kill from being reported twice.
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
@@ -53,18 +68,61 @@ pub fn parse_oom_kill(content: &str) -> Option<u64> {
     })
 }
 
+/// Re-reads of the counter after a v1 notification that showed no rise yet: the kernel
+/// signals before it picks and counts the victim.
+const RECHECK_DELAYS: [Duration; 5] = [
+    Duration::from_millis(1),
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_millis(800),
+];
+
+/// The OOM-kill count of a memory cgroup before its task was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OomBaseline(u64);
+
+impl OomBaseline {
+    /// Reads the count of `dir` before the runtime creates (or joins) it: zero when the
+    /// cgroup does not exist yet, so a kill during the start itself counts as the task's.
+    pub fn before_create(dir: &Path) -> Self {
+        let count = [CgroupVersion::V1, CgroupVersion::V2]
+            .into_iter()
+            .find_map(|v| std::fs::read_to_string(dir.join(v.counter_file())).ok())
+            .and_then(|text| parse_oom_kill(&text))
+            .unwrap_or(0);
+        OomBaseline(count)
+    }
+}
+
 /// A memory cgroup whose OOM kills we count.
 #[derive(Debug, Clone)]
 pub struct OomCounter {
     dir: PathBuf,
     version: CgroupVersion,
     baseline: u64,
+    /// The highest count already reported as a [`TaskEvent::Oom`], shared by the watcher
+    /// and the exit checks so that each kill is reported once.
+    reported: Arc<AtomicU64>,
 }
 
 impl OomCounter {
     /// Detects the cgroup version of `dir` and reads the current count as the baseline.
     /// `None` when `dir` has neither file (no memory controller there).
     pub fn open(dir: &Path) -> Option<Self> {
+        let mut c = Self::open_with(dir, 0)?;
+        // Kernels before 4.13 have no `oom_kill` field in v1: count from zero.
+        c.baseline = c.read().unwrap_or(0);
+        c.reported.store(c.baseline, Ordering::Release);
+        Some(c)
+    }
+
+    /// Opens `dir` (created since `baseline` was taken) counting from `baseline`.
+    pub fn open_since(dir: &Path, baseline: OomBaseline) -> Option<Self> {
+        Self::open_with(dir, baseline.0)
+    }
+
+    fn open_with(dir: &Path, baseline: u64) -> Option<Self> {
         let version = if dir.join("memory.oom_control").exists() {
             CgroupVersion::V1
         } else if dir.join("memory.events").exists() {
@@ -73,10 +131,12 @@ impl OomCounter {
             tracing::warn!(cgroup = %dir.display(), "no memory.oom_control or memory.events; OOM detection off");
             return None;
         };
-        let mut c = OomCounter { dir: dir.to_owned(), version, baseline: 0 };
-        // Kernels before 4.13 have no `oom_kill` field in v1: count from zero.
-        c.baseline = c.read().unwrap_or(0);
-        Some(c)
+        Some(OomCounter {
+            dir: dir.to_owned(),
+            version,
+            baseline,
+            reported: Arc::new(AtomicU64::new(baseline)),
+        })
     }
 
     /// The cgroup's version.
@@ -94,6 +154,19 @@ impl OomCounter {
     /// `SIGKILL` and the counter rose since the baseline.
     pub fn main_process_oom_killed(&self, exit_code: i32) -> bool {
         exit_code == 128 + libc::SIGKILL && self.read().is_some_and(|n| n > self.baseline)
+    }
+
+    /// Emits a [`TaskEvent::Oom`] for `id` if the counter rose past what was reported
+    /// already; says whether it did. Called by the watcher and whenever a process of the
+    /// task died of `SIGKILL` (by then the kernel has counted a kill that caused it).
+    pub fn report_new_kills(&self, id: &str, events: &broadcast::Sender<TaskEvent>) -> bool {
+        let Some(n) = self.read() else { return false };
+        if self.reported.fetch_max(n, Ordering::AcqRel) >= n {
+            return false;
+        }
+        tracing::info!(id, oom_kills = n, "OOM kill in container cgroup");
+        let _ = events.send(TaskEvent::Oom { id: id.to_owned() });
+        true
     }
 
     /// Starts the live watcher: a [`TaskEvent::Oom`] for `id` on every rise of the counter.
@@ -209,7 +282,6 @@ async fn watch_loop<T: AsRawFd>(
             return;
         }
     };
-    let mut last = counter.baseline;
     loop {
         let mut guard = match fd.readable().await {
             Ok(g) => g,
@@ -224,14 +296,20 @@ async fn watch_loop<T: AsRawFd>(
             Err(_would_block) => continue,
         };
         // v1 also signals the eventfd when the cgroup is removed: then the read fails.
-        match counter.read() {
-            Some(n) if n > last => {
-                last = n;
-                tracing::info!(id, oom_kills = n, "OOM kill in container cgroup");
-                let _ = events.send(TaskEvent::Oom { id: id.clone() });
-            }
-            Some(_) => {}
-            None => return,
+        if counter.read().is_none() {
+            return;
+        }
+        if !counter.report_new_kills(&id, &events) && counter.version == CgroupVersion::V1 {
+            // Notified on entering OOM, before the victim is counted: look again shortly.
+            let (counter, id, events) = (counter.clone(), id.clone(), events.clone());
+            tokio::spawn(async move {
+                for delay in RECHECK_DELAYS {
+                    tokio::time::sleep(delay).await;
+                    if counter.report_new_kills(&id, &events) || counter.read().is_none() {
+                        return;
+                    }
+                }
+            });
         }
         if !keep {
             return;
@@ -271,6 +349,38 @@ mod tests {
         // Not SIGKILLed: an exec'd process was the victim.
         assert!(!c.main_process_oom_killed(0));
         assert!(!c.main_process_oom_killed(143));
+    }
+
+    #[test]
+    fn baseline_of_a_cgroup_not_yet_made_is_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let cg = dir.path().join("ctr");
+        let baseline = OomBaseline::before_create(&cg);
+        assert_eq!(baseline, OomBaseline(0));
+        // The runtime makes the cgroup and the task is killed at once: that kill is its own.
+        std::fs::create_dir(&cg).unwrap();
+        std::fs::write(cg.join("memory.oom_control"), "oom_kill_disable 0\noom_kill 1\n").unwrap();
+        let c = OomCounter::open_since(&cg, baseline).unwrap();
+        assert!(c.main_process_oom_killed(137));
+        // An existing cgroup's earlier kills are not.
+        let c = OomCounter::open_since(&cg, OomBaseline::before_create(&cg)).unwrap();
+        assert!(!c.main_process_oom_killed(137));
+    }
+
+    #[test]
+    fn each_kill_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let events_file = dir.path().join("memory.events");
+        std::fs::write(&events_file, "oom_kill 0\n").unwrap();
+        let c = OomCounter::open(dir.path()).unwrap();
+        let (tx, mut rx) = broadcast::channel(4);
+        assert!(!c.report_new_kills("c1", &tx));
+        std::fs::write(&events_file, "oom_kill 1\n").unwrap();
+        // The watcher and an exit check both look: one event.
+        assert!(c.clone().report_new_kills("c1", &tx));
+        assert!(!c.report_new_kills("c1", &tx));
+        assert_eq!(rx.try_recv().unwrap(), TaskEvent::Oom { id: "c1".into() });
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::log::LogWriter;
+use crate::oom::OomCounter;
 use crate::runtime_cmd::RuntimeCmd;
 use crate::{Exit, TaskState};
 
@@ -24,6 +25,8 @@ pub(crate) struct Task {
     /// `Some` once the main process has exited and its logs have been drained.
     pub(crate) exit: watch::Receiver<Option<Exit>>,
     pub(crate) log: Option<Arc<LogWriter>>,
+    /// The container's OOM-kill counter (`None`: no memory cgroup to watch).
+    pub(crate) oom: Option<OomCounter>,
     /// Our write end of the container's stdin pipe, kept so stdin stays open.
     pub(crate) stdin: Mutex<Option<OwnedFd>>,
     /// Log copiers and the OOM watcher, stopped on delete.
