@@ -1,13 +1,14 @@
 //! The one instrumentation layer every CRI call passes through: it refuses calls until the
 //! daemon has finished recovering its state, opens the tracing span (handlers record
-//! `pod_id`/`container_id` into it), and records the per-method Prometheus metrics.
+//! `pod_id`/`container_id` into it), records the per-method Prometheus metrics, and ends a
+//! call whose client deadline (`grpc-timeout`) passes with `DeadlineExceeded`.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tonic::body::Body;
 use tower::{Layer, Service};
@@ -57,6 +58,33 @@ pub struct Instrument<S> {
     readiness: Readiness,
 }
 
+/// How much earlier than the client's deadline a call is ended here. tonic's own
+/// `grpc-timeout` handling sits outside this layer and answers `Cancelled` ("Timeout
+/// expired"), where gRPC clients (critest, the kubelet) expect `DeadlineExceeded`; ending
+/// the call one timer tick before it makes ours the answer.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(1);
+
+/// The client's deadline from the `grpc-timeout` header: at most 8 digits and a unit
+/// (`H`, `M`, `S`, `m`, `u`, `n`), as the gRPC over HTTP/2 spec has it. `None` when absent
+/// or malformed (tonic ignores those too).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// The gRPC status code of a response: trailers-only errors carry it in the headers; a
 /// response without it there succeeded at least as far as its headers.
 fn grpc_code(response: &http::Response<Body>) -> tonic::Code {
@@ -89,6 +117,8 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let method = request.uri().path().to_string();
         let ready = self.readiness.is_ready();
+        let deadline = grpc_timeout(request.headers())
+            .map(|t| tokio::time::Instant::now() + t.saturating_sub(DEADLINE_MARGIN));
         Box::pin(async move {
             let metrics = berth_metrics::metrics();
             metrics.cri_requests.with_label_values(&[method.as_str()]).inc();
@@ -100,7 +130,17 @@ where
             );
             let start = Instant::now();
             let response = if ready {
-                inner.call(request).instrument(span.clone()).await?
+                let call = inner.call(request).instrument(span.clone());
+                match deadline {
+                    None => call.await?,
+                    Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
+                        Ok(response) => response?,
+                        Err(_) => tonic::Status::deadline_exceeded(
+                            "the client's deadline passed before the call finished",
+                        )
+                        .into_http(),
+                    },
+                }
             } else {
                 tonic::Status::unavailable("berthd is still recovering its state; retry shortly")
                     .into_http()
@@ -126,5 +166,56 @@ where
             }
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(timeout: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-timeout", http::HeaderValue::from_str(timeout).unwrap());
+        h
+    }
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        assert_eq!(grpc_timeout(&headers("1m")), Some(Duration::from_millis(1)));
+        assert_eq!(grpc_timeout(&headers("120S")), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout(&headers("2H")), Some(Duration::from_secs(7200)));
+        assert_eq!(grpc_timeout(&headers("3M")), Some(Duration::from_secs(180)));
+        assert_eq!(grpc_timeout(&headers("999999u")), Some(Duration::from_micros(999_999)));
+        assert_eq!(grpc_timeout(&headers("5n")), Some(Duration::from_nanos(5)));
+        for bad in ["", "m", "123456789m", "1x", "-1m", "1.5S", "S1"] {
+            assert_eq!(grpc_timeout(&headers(bad)), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    /// A call that outlives the client's `grpc-timeout` is answered `DeadlineExceeded`; one
+    /// that finishes in time is passed through.
+    #[tokio::test]
+    async fn a_call_past_its_deadline_is_deadline_exceeded() {
+        let readiness = Readiness::default();
+        readiness.set_ready();
+        let slow = tower::service_fn(|request: http::Request<()>| async move {
+            let wait = request.headers().contains_key("x-slow");
+            if wait {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
+        });
+        let mut service = InstrumentLayer::new(readiness).layer(slow);
+        let mut request = http::Request::new(());
+        *request.headers_mut() = headers("1m");
+        request.headers_mut().insert("x-slow", http::HeaderValue::from_static("1"));
+        let response = service.call(request).await.unwrap();
+        assert_eq!(grpc_code(&response), tonic::Code::DeadlineExceeded);
+
+        let mut request = http::Request::new(());
+        *request.headers_mut() = headers("10S");
+        let response = service.call(request).await.unwrap();
+        assert_eq!(grpc_code(&response), tonic::Code::Ok);
     }
 }
