@@ -220,13 +220,12 @@ impl Berthd {
         }
     }
 
-    /// Whether berthd serves CRI calls (not `Unavailable` while it recovers its state).
+    /// Whether berthd serves CRI calls: Version answers. `Unavailable` (recovery still
+    /// running) is not ready, and neither is a transport error: a daemon that dies during
+    /// recovery must show up as an exit, with its log, not as "ready".
     pub async fn ready(&self) -> bool {
         let Ok(mut c) = self.runtime().await else { return false };
-        match c.version(k8s_cri::v1::VersionRequest::default()).await {
-            Ok(_) => true,
-            Err(s) => s.code() != tonic::Code::Unavailable,
-        }
+        c.version(k8s_cri::v1::VersionRequest::default()).await.is_ok()
     }
 
     /// The private temp dir holding everything of this daemon.
