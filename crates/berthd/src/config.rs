@@ -107,10 +107,11 @@ pub struct RuntimeSection {
     pub seccomp_profile_root: PathBuf,
     /// Parent cgroup (cgroupfs) of pods whose config names none; each gets `pod-<id>` in it.
     pub cgroup_parent: String,
-    /// Who runs the containers: `"embedded"` (inside berthd: no extra process; containers
-    /// survive a berthd restart but their exit codes while it is down are lost) or
-    /// `"external"` (one `berth-shim` process per pod, which outlives berthd: after a
-    /// restart berthd reattaches and reports the exits it missed exactly).
+    /// Who runs the containers: `"external"` (the default: one `berth-shim` process per pod,
+    /// which outlives berthd: after a restart berthd reattaches, and exits, logs and OOM
+    /// kills it missed are exact) or `"embedded"` (inside berthd: no extra process;
+    /// containers survive a berthd restart and stay reachable, but what happened to them
+    /// while it was down, their exit codes and their output after it, is lost).
     pub shim: ShimKind,
     /// The `berth-shim` binary for `shim = "external"`; empty: `berth-shim` next to berthd.
     pub shim_binary: PathBuf,
@@ -121,9 +122,9 @@ pub struct RuntimeSection {
 #[serde(rename_all = "lowercase")]
 pub enum ShimKind {
     /// Containers run under berthd itself.
-    #[default]
     Embedded,
     /// One `berth-shim` process per pod.
+    #[default]
     External,
 }
 
@@ -137,7 +138,7 @@ impl Default for RuntimeSection {
             ]),
             seccomp_profile_root: PathBuf::from("/var/lib/kubelet/seccomp"),
             cgroup_parent: "/berth".to_string(),
-            shim: ShimKind::Embedded,
+            shim: ShimKind::External,
             shim_binary: PathBuf::new(),
         }
     }
@@ -326,7 +327,7 @@ mod tests {
         .expect("parse");
         assert_eq!(config.runtime.shim, ShimKind::External);
         assert_eq!(config.runtime.shim_binary, PathBuf::from("/usr/bin/berth-shim"));
-        assert_eq!(Config::default().runtime.shim, ShimKind::Embedded);
+        assert_eq!(Config::default().runtime.shim, ShimKind::External);
         assert!(toml::from_str::<Config>("[runtime]\nshim = \"conmon\"\n").is_err());
     }
 

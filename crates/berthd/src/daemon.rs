@@ -64,7 +64,8 @@ fn make_shim(config: &Config) -> anyhow::Result<AnyShim> {
             };
             anyhow::ensure!(
                 binary.is_file(),
-                "shim binary {} not found: build berth-shim or set runtime.shim_binary",
+                "shim binary {} not found: install berth-shim next to berthd, set \
+                 runtime.shim_binary, or choose runtime.shim = \"embedded\"",
                 binary.display()
             );
             tracing::info!(binary = %binary.display(), "using external shims");
