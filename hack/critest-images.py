@@ -4,10 +4,11 @@ push them into a local registry (distribution, HTTP API v2, no auth).
 
     hack/critest-images.py --registry 127.0.0.1:5000 [--busybox /bin/busybox] [--cc gcc]
 
-Every image is built from Debian's static busybox (applets as symlinks) plus a few tiny
-static C helpers compiled here (fake nginx, nonewprivs, pause). Repositories are named as
-critest names them without the registry host, so one registry can be the mirror of
-registry.k8s.io, k8s.gcr.io and gcr.io at once:
+Every image is built from a busybox (applets as hard links; its shared libraries if it is
+dynamic, as Debian's `busybox` package is) plus a few tiny static C helpers compiled here
+(fake nginx, nonewprivs, pause). Repositories are named as critest names them without the
+registry host, so one registry can be the mirror of registry.k8s.io, k8s.gcr.io and gcr.io
+at once:
 
   registry.k8s.io/e2e-test-images/busybox:1.29-2   default container image (sh, top, sleep, nc, ...)
   registry.k8s.io/e2e-test-images/nginx:1.14-2     web server on :80; PID 1 is "nginx" whose
@@ -233,6 +234,23 @@ def compile_helpers(cc, workdir):
     return out
 
 
+def shared_libraries(binary):
+    """The absolute paths of the shared objects `binary` loads (none for a static one)."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) > parts.index("=>") + 1:
+            path = parts[parts.index("=>") + 1]
+        elif parts and parts[0].startswith("/"):
+            path = parts[0]
+        else:
+            continue
+        if os.path.isabs(path) and os.path.exists(path):
+            libs.append(path)
+    return libs
+
+
 def base_layer(busybox):
     with open(busybox, "rb") as f:
         bb = f.read()
@@ -245,6 +263,12 @@ def base_layer(busybox):
     l.dir("tmp", 0o1777)
     l.dir("var/tmp", 0o1777)
     l.file("bin/busybox", bb, 0o755)
+    # A dynamic busybox (Debian's `busybox` package) brings its libraries along. Prefer it:
+    # Debian's static busybox runs applets inside its shell whatever is on disk, so a masked
+    # /bin/ls (critest's MaskedPaths spec) would still run; the dynamic one execs them.
+    for lib in shared_libraries(busybox):
+        with open(lib, "rb") as f:
+            l.file(lib, f.read(), 0o755)
     # Hard links, as in the upstream busybox images: masking one applet (critest masks
     # /bin/ls) must not mask the busybox binary a symlink would resolve to.
     for a in applets:

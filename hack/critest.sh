@@ -11,6 +11,9 @@
 #                    tables the script writes: [registry.mirrors], [runtime])
 #   --crictl PATH    crictl used for leftover cleanup (default: next to critest, else PATH)
 #   --keep-logs DIR  copy berthd.log and registry.log into DIR (default: don't keep)
+#   --busybox PATH   busybox for the fixture images (default: Debian's dynamic busybox,
+#                    fetched with `apt-get download busybox`, else /bin/busybox; the static
+#                    one runs applets inside its shell, so the MaskedPaths spec then fails)
 #
 # What it does: makes a private network namespace, starts a docker-registry (CNCF
 # distribution, /usr/bin/docker-registry) on 127.0.0.1 inside it, pushes the fixture images
@@ -27,6 +30,7 @@ shim=""
 extra_config=""
 crictl=""
 keep_logs=""
+busybox=""
 critest=""
 critest_args=()
 
@@ -37,7 +41,8 @@ while [[ $# -gt 0 ]]; do
         --config) extra_config=$2; shift 2 ;;
         --crictl) crictl=$2; shift 2 ;;
         --keep-logs) keep_logs=$2; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        --busybox) busybox=$2; shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         --) shift; critest_args+=("$@"); break ;;
         *)
             if [[ -z "$critest" ]]; then critest=$1; shift
@@ -148,8 +153,19 @@ for _ in $(seq 1 50); do
     nsenter --net="/run/netns/$netns" -- python3 -c "import urllib.request;urllib.request.urlopen('http://127.0.0.1:$port/v2/',timeout=1)" 2>/dev/null && break
     sleep 0.2
 done
-log "pushing fixture images"
-nsenter --net="/run/netns/$netns" -- python3 "$here/critest-images.py" --registry "127.0.0.1:$port" >&2
+if [[ -z "$busybox" ]]; then
+    busybox=/bin/busybox
+    if (cd "$tmp" && apt-get download -qq busybox >/dev/null 2>&1) \
+        && dpkg-deb -x "$tmp"/busybox_*.deb "$tmp/busybox-deb" \
+        && [[ -x "$tmp/busybox-deb/bin/busybox" ]]; then
+        busybox="$tmp/busybox-deb/bin/busybox"
+    else
+        log "no dynamic busybox: using $busybox (the MaskedPaths spec will fail)"
+    fi
+fi
+log "pushing fixture images (busybox: $busybox)"
+nsenter --net="/run/netns/$netns" -- python3 "$here/critest-images.py" --registry "127.0.0.1:$port" \
+    --busybox "$busybox" >&2
 
 # --- berthd -----------------------------------------------------------------
 mirror="[\"http://127.0.0.1:$port\"]"

@@ -43,7 +43,8 @@ impl RecoveryEnv {
     pub async fn crash_and_restart(&mut self) -> Result<()> {
         self.env.d.kill9();
         self.env.d.start_again().await?;
-        self.env.rt = self.env.d.runtime().await?;
+        let log = || format!("berthd log:\n{}", self.env.d.log_tail(40));
+        self.env.rt = self.env.d.runtime().await.with_context(log)?;
         Ok(())
     }
 
