@@ -409,3 +409,57 @@ async fn pod_cidr_from_the_kubelet_is_used_for_new_pods() -> Result<()> {
     );
     Ok(())
 }
+
+/// A RunPodSandbox whose caller gives up before it fails (here: the subnet is full) must not
+/// keep the pod's name: the kubelet's retry with the same metadata is served once an address
+/// is free, not refused with "name is reserved" until berthd restarts.
+#[tokio::test]
+async fn run_pod_failing_after_its_deadline_releases_the_name() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    // A /30: .1 is the gateway, .2 the only pod address.
+    let names = NetNames::unique(30);
+    let _guard = NetGuard::new(names.clone());
+    let mut env = start_env(names.bridge_toml()).await?;
+    let first = env.run_pod(env.pod_config("holder")).await?;
+
+    let config = env.pod_config("late");
+    let request =
+        || RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: "".into() };
+    let mut hasty = tonic::Request::new(request());
+    hasty.set_timeout(Duration::from_millis(1));
+    let e = env.rt.run_pod_sandbox(hasty).await.expect_err("the deadline passes first");
+    ensure!(matches!(e.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled), "{e:?}");
+
+    // The abandoned create goes on and fails (no free address). Until it has, a retry is
+    // told the name is taken; after, it must get the real error, not "reserved" for good.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match env.rt.run_pod_sandbox(request()).await {
+            Err(e) if e.code() == tonic::Code::AlreadyExists && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => {
+                ensure!(e.message().contains("no free address"), "retry: {e:?}");
+                break;
+            }
+            Ok(r) => bail!("the subnet had room: {:?}", r.into_inner()),
+        }
+    }
+
+    // Once the address is free, the same metadata runs.
+    env.remove_pod(&first).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        match env.rt.run_pod_sandbox(request()).await {
+            Ok(r) => break r.into_inner().pod_sandbox_id,
+            Err(e) if e.message().contains("no free address") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => bail!("retry after the address was freed: {e:?}"),
+        }
+    };
+    env.remove_pod(&id).await?;
+    Ok(())
+}

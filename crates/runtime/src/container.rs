@@ -198,6 +198,9 @@ impl<S: Shim + 'static> Runtime<S> {
         let this = self.clone();
         let (task_id, task_name) = (id.clone(), name.clone());
         let result = tokio::spawn(async move {
+            // Released on failure even when the caller is gone; on success the name stays
+            // held and the kubelet's retry finds the container by name (below).
+            let pending = this.names.pending(&task_name, &task_id);
             let _pod = sandbox.op.read().await;
             if !sandbox.status().state.can_create_containers()
                 || this.sandbox(&sandbox.meta.id).is_none()
@@ -213,6 +216,7 @@ impl<S: Shim + 'static> Runtime<S> {
                     this.insert_container(entry.clone());
                     this.refresh_gauges();
                     this.publish(&entry, ContainerEventType::ContainerCreatedEvent);
+                    pending.keep();
                     Ok(())
                 }
                 Err(e) => {

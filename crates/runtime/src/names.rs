@@ -73,6 +73,14 @@ impl Names {
         }
     }
 
+    /// Guards the reservation of `name` by `id` for the create running in the background:
+    /// unless [`PendingCreate::finish`] is called, the name is released when the guard is
+    /// dropped, whether the create failed, panicked, or its caller had already gone (the
+    /// kubelet's deadline passed), so a failed create never keeps a name from the retry.
+    pub(crate) fn pending<'a>(&'a self, name: &str, id: &str) -> PendingCreate<'a> {
+        PendingCreate { names: self, name: name.to_owned(), id: id.to_owned(), done: false }
+    }
+
     /// Hands a retry the object whose create finished after its caller gave up, if `holder`
     /// (the current holder of `name`) is one.
     pub(crate) fn claim(&self, name: &str, holder: &str) -> bool {
@@ -82,6 +90,37 @@ impl Names {
             return true;
         }
         false
+    }
+}
+
+/// See [`Names::pending`].
+pub(crate) struct PendingCreate<'a> {
+    names: &'a Names,
+    name: String,
+    id: String,
+    done: bool,
+}
+
+impl PendingCreate<'_> {
+    /// The create succeeded: the name stays held (the retry finds the object by other
+    /// means, as CreateContainer does by comparing configs).
+    pub(crate) fn keep(mut self) {
+        self.done = true;
+    }
+
+    /// The create succeeded: the name stays held, and the object waits, unclaimed, for the
+    /// caller (or its retry) to take it.
+    pub(crate) fn finish(mut self) {
+        self.done = true;
+        self.names.finished(&self.name, &self.id);
+    }
+}
+
+impl Drop for PendingCreate<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.names.release(&self.name, &self.id);
+        }
     }
 }
 
@@ -99,6 +138,23 @@ mod tests {
         names.finished("pod", "a");
         names.delivered("pod", "a");
         assert!(!names.claim("pod", "a"));
+    }
+
+    #[test]
+    fn a_failed_or_panicked_create_releases_its_name() {
+        let names = Names::default();
+        names.reserve("pod", "a").expect("free");
+        drop(names.pending("pod", "a"));
+        names.reserve("pod", "b").expect("released after the failure");
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _guard = names.pending("pod", "b");
+            panic!("create panicked");
+        }));
+        assert!(unwound.is_err());
+        names.reserve("pod", "c").expect("released after the panic");
+        names.pending("pod", "c").finish();
+        assert_eq!(names.reserve("pod", "d"), Err("c".to_string()));
+        assert!(names.claim("pod", "c"));
     }
 
     #[test]

@@ -130,11 +130,12 @@ impl<S: Shim + 'static> Runtime<S> {
         let task_name = name.clone();
         let task_id = id.clone();
         let result = tokio::spawn(async move {
+            let pending = this.names.pending(&task_name, &task_id);
             let result = this
                 .create_sandbox(task_id.clone(), task_name.clone(), handler, config, sysctls, ns)
                 .await;
             if result.is_ok() {
-                this.names.finished(&task_name, &task_id);
+                pending.finish();
             }
             result
         })
