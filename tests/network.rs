@@ -407,6 +407,31 @@ async fn pod_cidr_from_the_kubelet_is_used_for_new_pods() -> Result<()> {
         "veths left: {:?}",
         names.bridge_ports()
     );
+
+    // The kubelet moves the node to another CIDR and back: once no pod uses a CIDR any
+    // more, its masquerade rules go with the next pod's setup instead of piling up.
+    let other = NetNames::unique(24);
+    for (now, gone) in [(&other, &cidr), (&cidr, &other)] {
+        env.rt.update_runtime_config(update(now.subnet())).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The last pod's address returns to the pool shortly after its veth is gone.
+            let id = env.run_pod(env.pod_config("cidr")).await?;
+            let table = names.nft_table();
+            env.remove_pod(&id).await?;
+            ensure!(table.contains(&now.subnet()), "no rules for {}:\n{table}", now.subnet());
+            if !table.contains(&gone.subnet()) {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "rules of {} stay:\n{table}", gone.subnet());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    ensure!(
+        eventually(Duration::from_secs(5), || names.bridge_ports().is_empty()).await,
+        "veths left: {:?}",
+        names.bridge_ports()
+    );
     Ok(())
 }
 

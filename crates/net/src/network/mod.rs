@@ -450,25 +450,40 @@ impl NetworkManager {
         Ok(index)
     }
 
-    /// Makes sure the masquerade rules cover the record's subnets.
+    /// Makes sure the masquerade rules cover the record's subnets, and no more than the
+    /// subnets pods are handed addresses from plus those live pods still use: a pod CIDR
+    /// the kubelet replaced keeps its rules only while pods from it remain.
     async fn ensure_nat(&self, rec: &PodRecord) -> Result<(), NetworkError> {
         let nat = self.nat();
         let mut host = self.host.lock().await;
-        let mut wanted: Vec<IpNet> = match &host.nat_subnets {
-            Some(s) => s.clone(),
-            None => {
-                // First setup since start: cover the subnets of every pod we know, or the
-                // flush-and-rewrite below would drop them.
-                let mut all = self.current_subnets();
-                for id in self.ipam.pods()? {
-                    if let Some(r) = self.ipam.get(&id)? {
-                        all.extend(r.addresses.iter().map(|a| a.trunc()));
-                    }
-                }
-                all
-            }
+        let current = self.current_subnets();
+        let own: Vec<IpNet> = rec.addresses.iter().map(|a| a.trunc()).collect();
+        // Subnets with rules that are neither current nor this pod's: keep those that other
+        // pods still have addresses in. Only then is the pod table read, so the common case
+        // (nothing stale) costs no lookups.
+        let stale: Vec<IpNet> = match &host.nat_subnets {
+            Some(installed) => installed
+                .iter()
+                .filter(|s| !current.contains(s) && !own.contains(s))
+                .copied()
+                .collect(),
+            // First setup since start: every subnet a known pod uses is a candidate.
+            None => vec![],
         };
-        wanted.extend(rec.addresses.iter().map(|a| a.trunc()));
+        let mut wanted = current;
+        wanted.extend(own);
+        if host.nat_subnets.is_none() || !stale.is_empty() {
+            for id in self.ipam.pods()? {
+                if let Some(r) = self.ipam.get(&id)? {
+                    wanted.extend(
+                        r.addresses
+                            .iter()
+                            .map(|a| a.trunc())
+                            .filter(|s| host.nat_subnets.is_none() || stale.contains(s)),
+                    );
+                }
+            }
+        }
         wanted.sort();
         wanted.dedup();
         if host.nat_subnets.as_ref() == Some(&wanted) {
