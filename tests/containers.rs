@@ -225,10 +225,23 @@ async fn oom_kill_is_reported() -> anyhow::Result<()> {
         }),
         ..Default::default()
     });
-    let ctr = env.run(&pod, &pod_config, config).await?;
+    let ctr = env.run(&pod, &pod_config, config.clone()).await?;
     let s = env.wait_exited(&ctr, Duration::from_secs(60)).await?;
     assert_eq!(s.reason, "OOMKilled", "{s:?}");
     assert_eq!(s.exit_code, 137);
+
+    // Killed at once, while the runtime is still starting it: 64 MiB in one buffer under
+    // a 20 MiB limit (what the kubelet saw reported as `Error` one run in two).
+    config.metadata = Some(ContainerMetadata { name: "instant".into(), attempt: 0 });
+    config.command = vec!["/bin/dd".into(), "if=/dev/zero".into(), "of=/dev/null".into()];
+    config.args = vec!["bs=64M".into(), "count=1".into()];
+    if let Some(r) = config.linux.as_mut().and_then(|l| l.resources.as_mut()) {
+        r.memory_limit_in_bytes = 20 << 20;
+        r.memory_swap_limit_in_bytes = 20 << 20;
+    }
+    let ctr = env.run(&pod, &pod_config, config).await?;
+    let s = env.wait_exited(&ctr, Duration::from_secs(60)).await?;
+    assert_eq!((s.exit_code, s.reason.as_str()), (137, "OOMKilled"), "{s:?}");
     let metrics = berth_e2e::http::get(&env.d.metrics_url()).await?.text();
     assert!(
         berth_e2e::metric_value(&metrics, "berth_container_oom_kills_total", &[]).unwrap_or(0.0)
