@@ -372,8 +372,21 @@ async fn kill9_at_random_points_of_the_lifecycle_leaves_a_consistent_state() -> 
     if skip() {
         return Ok(());
     }
+    kill9_at_random_points("external").await
+}
+
+/// The same with the embedded shim, whose restarted berthd adopts what it finds.
+#[tokio::test]
+async fn embedded_shim_kill9_at_random_points_leaves_a_consistent_state() -> anyhow::Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    kill9_at_random_points("embedded").await
+}
+
+async fn kill9_at_random_points(shim: &str) -> anyhow::Result<()> {
     const ROUNDS: usize = 8;
-    let mut r = RecoveryEnv::start("external").await?;
+    let mut r = RecoveryEnv::start(shim).await?;
     for round in 0..ROUNDS {
         let name = format!("fault{round}");
         let pod_config = r.env.pod_config(&name);
