@@ -122,8 +122,8 @@ impl PidFd {
         // owns it.
         let pidfd = PidFd(unsafe { OwnedFd::from_raw_fd(fd) });
         // The pidfd was opened first, so a matching start time read now proves it names
-        // the recorded process: a process holding the PID when the pidfd was opened, other
-        // than the one found now, would have had to start after it, not before.
+        // the recorded process: had the pidfd caught another holder of the PID, the recorded
+        // process, holding it now, would have started since, yet it started long before.
         let same = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .is_ok_and(|stat| is_same_live_process(&stat, start_time));
         Ok((same && !pidfd.has_exited()).then_some(pidfd))
