@@ -1,7 +1,9 @@
 //! End-to-end: containers outlive berthd. With external shims, pods survive a `kill -9` of
 //! berthd and answer ExecSync and stats afterwards; exits and OOM kills that happen while
 //! berthd is down are reported exactly; a killed shim is detected; and berthd killed at
-//! random points of a lifecycle loop comes back consistent, leaking nothing.
+//! random points of a lifecycle loop comes back consistent, leaking nothing. With the
+//! embedded shim, a restarted berthd adopts the containers still running (ExecSync, stats,
+//! stop, exits noticed; exit codes lost) and reports those that ended meanwhile.
 
 #[path = "support/podkit.rs"]
 mod podkit;
@@ -170,14 +172,64 @@ async fn embedded_shim_restart_keeps_live_containers_stoppable() -> anyhow::Resu
     let mut r = RecoveryEnv::start("embedded").await?;
     let pod_config = r.env.pod_config("embedded");
     let pod = r.env.run_pod(pod_config.clone()).await?;
-    let ctr = {
-        let c = r.env.container_config("c", &["/bin/sleep", "1000"]);
-        r.env.run(&pod, &pod_config, c).await?
-    };
-    let pid = r.pid_of(&ctr).await?;
-    r.crash_and_restart().await?;
-    // The process outlived berthd; its exit code will be lost, but it is still running.
+    let configs = [
+        r.env.container_config("c", &["/bin/sleep", "1000"]),
+        // Ends while the restarted berthd runs.
+        r.env.container_config("later", &["/bin/sleep", "1000"]),
+        // These two end while berthd is down.
+        r.env.container_config("gone", &["/bin/sleep", "1000"]),
+        oom_config(&r.env),
+    ];
+    let mut started = Vec::new();
+    for config in configs {
+        let id = r.env.run(&pod, &pod_config, config).await?;
+        started.push((id.clone(), r.pid_of(&id).await?));
+    }
+    let [(ctr, pid), (later, later_pid), (gone, gone_pid), (hog, hog_pid)] =
+        <[(String, i32); 4]>::try_from(started).expect("four containers");
+
+    r.env.d.kill9();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gone_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    assert!(
+        podkit::eventually(Duration::from_secs(60), || !alive(gone_pid) && !alive(hog_pid)).await,
+        "containers did not exit"
+    );
+    assert!(alive(pid) && alive(later_pid), "a container died with berthd");
+    r.env.d.start_again().await?;
+    r.env.rt = r.env.d.runtime().await?;
+
+    // Adopted: its exit code will be lost, but it runs and answers exec and stats.
     assert_eq!(r.env.status(&ctr).await?.state, ContainerState::ContainerRunning as i32);
+    let out = r.env.exec(&ctr, &["/bin/echo", "hi"], 10).await?;
+    assert_eq!((out.exit_code, out.stdout.as_slice()), (0, b"hi\n".as_slice()));
+    let stats = r
+        .env
+        .rt
+        .container_stats(ContainerStatsRequest { container_id: ctr.clone() })
+        .await?
+        .into_inner()
+        .stats
+        .expect("stats");
+    assert!(stats.memory.and_then(|m| m.working_set_bytes).is_some_and(|v| v.value > 0));
+    assert!(stats.cpu.is_some());
+    // Exits while berthd was down: the code is lost; an OOM kill is still told.
+    let s = r.env.status(&gone).await?;
+    assert_eq!(s.state, ContainerState::ContainerExited as i32, "{s:?}");
+    assert_eq!((s.exit_code, s.reason.as_str()), (255, "Unknown"), "{s:?}");
+    let s = r.env.status(&hog).await?;
+    assert_eq!((s.exit_code, s.reason.as_str()), (137, "OOMKilled"), "{s:?}");
+    // An adopted container's exit is noticed, though no StopContainer asked for it.
+    assert_eq!(r.env.status(&later).await?.state, ContainerState::ContainerRunning as i32);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(later_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let s = r.env.wait_exited(&later, Duration::from_secs(10)).await?;
+    assert_eq!((s.exit_code, s.reason.as_str()), (255, "Unknown"), "{s:?}");
+
     r.env.rt.stop_container(StopContainerRequest { container_id: ctr.clone(), timeout: 0 }).await?;
     assert_eq!(r.env.status(&ctr).await?.state, ContainerState::ContainerExited as i32);
     assert!(!alive(pid));
@@ -320,8 +372,21 @@ async fn kill9_at_random_points_of_the_lifecycle_leaves_a_consistent_state() -> 
     if skip() {
         return Ok(());
     }
+    kill9_at_random_points("external").await
+}
+
+/// The same with the embedded shim, whose restarted berthd adopts what it finds.
+#[tokio::test]
+async fn embedded_shim_kill9_at_random_points_leaves_a_consistent_state() -> anyhow::Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    kill9_at_random_points("embedded").await
+}
+
+async fn kill9_at_random_points(shim: &str) -> anyhow::Result<()> {
     const ROUNDS: usize = 8;
-    let mut r = RecoveryEnv::start("external").await?;
+    let mut r = RecoveryEnv::start(shim).await?;
     for round in 0..ROUNDS {
         let name = format!("fault{round}");
         let pod_config = r.env.pod_config(&name);

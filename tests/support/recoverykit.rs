@@ -64,8 +64,9 @@ impl RecoveryEnv {
     }
 
     /// Everything left behind that belongs to no pod or container: mounts under the test
-    /// dir, shim processes, namespace pins, bundles, pod dirs, OCI runtime state, writable
-    /// snapshot layers, cgroups under the daemon's cgroup parent. Empty when clean.
+    /// dir, shim processes and task state, namespace pins, bundles, pod dirs, OCI runtime
+    /// state, writable snapshot layers, cgroups under the daemon's cgroup parent. Empty when
+    /// clean.
     pub fn leaks(&self) -> Vec<String> {
         let d = &self.env.d;
         let mut out = Vec::new();
@@ -73,7 +74,7 @@ impl RecoveryEnv {
             out.push(format!("mount {}", m.display()));
         }
         let state = d.state();
-        for sub in ["pods", "containers", "shims", "runtime/runc", "runtime/crun"] {
+        for sub in ["pods", "containers", "shim", "shims", "runtime/runc", "runtime/crun"] {
             for e in entries(&state.join(sub)) {
                 out.push(format!("{sub}/{}", e.display()));
             }

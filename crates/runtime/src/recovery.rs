@@ -7,10 +7,15 @@
 //!   live `berth-shim` and lists its tasks, with the exits (code, time, OOM) its shims
 //!   recorded meanwhile; a dead shim's tasks come back exited (`lost` when their code died
 //!   with it). Live containers stay running and are driven through their shim as before.
-//! - the embedded shim cannot reattach (its tasks were children of the dead berthd; their
-//!   exit codes are gone): a container whose process still lives stays running and is
-//!   stopped by pid ([`Runtime::stop_container`] falls back to it); one whose process is
-//!   gone is recorded exited with code 255 and reason `Unknown`, as containerd does.
+//! - the embedded shim adopts the tasks it recorded: a container whose process still lives
+//!   stays running and is driven (exec, stop, ...) as before, but its processes are no longer
+//!   berthd's children, so its exit code will be lost (code 255, reason `Unknown`, when the
+//!   exit is seen) and so is its output. One whose process is gone comes back exited the
+//!   same way, as containerd reports a lost exit (or OOM-killed, when its cgroup says so).
+//! - a container the shim returns nothing for (an embedded task a berthd without records
+//!   made, or one that cannot be adopted) stays running while its process lives and is
+//!   stopped by pid ([`Runtime::stop_container`] falls back to it); once its process is
+//!   gone it is recorded exited with code 255 and reason `Unknown`.
 //! - records that point at missing resources are reconciled: a ready pod whose namespace
 //!   pins or init process are gone (e.g. after a reboot emptied the state dir) becomes
 //!   NotReady; a container whose pod record is gone is removed.
@@ -192,7 +197,7 @@ impl<S: Shim + 'static> Runtime<S> {
             None => {
                 let alive = status.process.is_some_and(|p| process_alive(p.pid, p.start_time));
                 if alive {
-                    // Embedded shim: the process outlived berthd; stop falls back to its pid.
+                    // Not adopted by the shim, yet outlived berthd: stop falls back to its pid.
                     return Ok(Settled::Unchanged);
                 }
                 self.update_container(entry, |s| {
@@ -215,9 +220,12 @@ impl<S: Shim + 'static> Runtime<S> {
     /// A lost exit means the container's shim died, not necessarily the container: its
     /// process, reparented to init, may still run. Kill it, so that "exited" is true and the
     /// kubelet's replacement does not run next to it. (Killing the init of a PID namespace
-    /// kills the namespace.)
+    /// kills the namespace.) Usually it is gone already (an adopted task's exit was seen, or
+    /// the shim found it gone): then its PID names nothing, or another process, which must
+    /// not be killed, so only the process with the recorded start time is.
     pub(crate) fn kill_lost_process(&self, entry: &ContainerEntry) {
         if let Some(p) = entry.status().process
+            && p.start_time.is_some()
             && process_alive(p.pid, p.start_time)
             && let Ok(pid) = i32::try_from(p.pid)
         {

@@ -20,12 +20,11 @@ pub enum AnyShim {
 }
 
 impl AnyShim {
-    /// After a berthd restart: the tasks that survived it (external shims only; the
-    /// embedded shim cannot reattach to its tasks, so the list is empty). See
-    /// [`ExternalShim::connect_existing`].
+    /// After a berthd restart: the tasks that survived it, and those that ended meanwhile.
+    /// See [`ExternalShim::connect_existing`] and the embedded shim's [`Shim::reattach`].
     pub async fn connect_existing(&self) -> Result<Vec<crate::RecoveredTask>, ShimError> {
         match self {
-            AnyShim::Embedded(_) => Ok(Vec::new()),
+            AnyShim::Embedded(s) => s.reattach().await,
             AnyShim::External(s) => s.connect_existing().await,
         }
     }

@@ -13,6 +13,7 @@ use nix::fcntl::OFlag;
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::adopt::{self, PidFd, TaskFile};
 use crate::console::{ConsoleSocket, master_reader};
 use crate::log::{LogWriter, Stream, copy_stream};
 use crate::oom::{OomBaseline, OomCounter};
@@ -22,7 +23,7 @@ use crate::runtime_cmd::{
     RUNTIME_TIMEOUT, RuntimeCmd, display_command, is_not_exist, is_not_running,
 };
 use crate::task::Task;
-use crate::{CreateTask, ExecOutput, Exit, Shim, ShimError, TaskEvent, TaskState};
+use crate::{CreateTask, ExecOutput, Exit, RecoveredTask, Shim, ShimError, TaskEvent, TaskState};
 
 /// How long the exit monitor waits for the log copiers to reach EOF before publishing an
 /// exit. Grandchildren that inherited stdout can keep the pipe open indefinitely.
@@ -31,14 +32,22 @@ const LOG_DRAIN_BOUND: Duration = Duration::from_secs(2);
 const CONSOLE_BOUND: Duration = Duration::from_secs(5);
 /// How long `delete` waits for the killed main process's exit to be published.
 const DELETE_EXIT_BOUND: Duration = Duration::from_secs(10);
+/// How often an adopted task whose pidfd cannot be polled is checked for its exit.
+const ADOPTED_POLL: Duration = Duration::from_secs(1);
 /// Capacity of the event broadcast channel; slow subscribers see `Lagged`.
 const EVENT_CAPACITY: usize = 1024;
 
 /// The shim embedded in berthd: runs the OCI runtime binary directly, reaps through the
-/// process-wide reaper, keeps task records in memory.
+/// process-wide reaper, keeps task records in memory and, for a berthd that restarts, a
+/// small record of each task in its state directory (see `adopt`).
 pub struct EmbeddedShim {
     state_dir: PathBuf,
+    /// Write each task's `task.json` and adopt them after a restart. Off inside the
+    /// external shim, which keeps state files of its own.
+    keep_records: bool,
     tasks: Mutex<HashMap<String, Arc<Task>>>,
+    /// Pod sandbox of each container, from [`Shim::bind_container`], for the records.
+    pods: Mutex<HashMap<String, String>>,
     /// IDs whose `create` is under way.
     creating: Mutex<HashSet<String>>,
     events: broadcast::Sender<TaskEvent>,
@@ -88,15 +97,24 @@ impl EmbeddedShim {
     /// A shim keeping per-task files under `state_dir` (created if missing). Also makes the
     /// process a child subreaper and starts the reaper.
     pub fn new(state_dir: PathBuf) -> Result<Arc<Self>, ShimError> {
-        Self::with_event_capacity(state_dir, EVENT_CAPACITY)
+        Self::build(state_dir, EVENT_CAPACITY, true)
     }
 
     /// [`EmbeddedShim::new`] with room for `capacity` events per subscriber. The external
     /// shim serves one pod, whose few events one subscriber drains at once, and pays for
     /// every slot (all are allocated up front) in each pod's memory.
+    /// It keeps no task records of its own: the external shim's state files serve.
     pub(crate) fn with_event_capacity(
         state_dir: PathBuf,
         capacity: usize,
+    ) -> Result<Arc<Self>, ShimError> {
+        Self::build(state_dir, capacity, false)
+    }
+
+    fn build(
+        state_dir: PathBuf,
+        capacity: usize,
+        keep_records: bool,
     ) -> Result<Arc<Self>, ShimError> {
         std::fs::create_dir_all(&state_dir).map_err(io_err("create directory", &state_dir))?;
         crate::reaper::become_subreaper()?;
@@ -104,7 +122,9 @@ impl EmbeddedShim {
         let (events, _) = broadcast::channel(capacity);
         Ok(Arc::new_cyclic(|me| EmbeddedShim {
             state_dir,
+            keep_records,
             tasks: Mutex::new(HashMap::new()),
+            pods: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
             events,
             me: me.clone(),
@@ -266,6 +286,28 @@ impl EmbeddedShim {
         // The init was created after `before`, so an older unclaimed exit of the same PID is
         // not its own.
         let init_exited = reaper.register(pid as i32, before);
+        let record = if self.keep_records {
+            let rec = TaskFile {
+                pod_id: lock(&self.pods).get(&id).cloned().unwrap_or_default(),
+                runtime: t.runtime.clone(),
+                runtime_root: t.runtime_root.clone(),
+                pid,
+                // Read while the reaper holds the init's exit back: the PID is still its own.
+                start_time: reaper.with_unreaped(pid as i32, |_| adopt::start_time(pid)).flatten(),
+                memory_cgroup: t.memory_cgroup.clone(),
+                oom_baseline: oom_baseline.map_or(0, OomBaseline::count),
+                log_path: t.log_path.clone(),
+                started: t.start,
+            };
+            if let Err(e) = adopt::write(&dir, &rec) {
+                // Without it a restarted berthd could neither drive nor watch the task.
+                abandon(&runtime, &id, &dir, &copiers).await;
+                return Err(e);
+            }
+            Some(rec)
+        } else {
+            None
+        };
 
         let mut background: Vec<_> = copiers.iter().map(|h| h.abort_handle()).collect();
         let oom = t
@@ -299,6 +341,8 @@ impl EmbeddedShim {
             oom,
             stdin: Mutex::new(stdin_keep),
             background: Mutex::new(background),
+            record,
+            pidfd: None,
         });
         lock(&self.tasks).insert(id.clone(), task);
         tracing::debug!(id, pid, started = t.start, "task created");
@@ -306,6 +350,7 @@ impl EmbeddedShim {
     }
 
     async fn delete_inner(&self, id: &str) -> Result<(), ShimError> {
+        lock(&self.pods).remove(id);
         let Ok(task) = self.task(id) else {
             return Ok(());
         };
@@ -325,6 +370,120 @@ impl EmbeddedShim {
         remove_dir(&task.dir);
         tracing::debug!(id, "task deleted");
         Ok(())
+    }
+
+    /// After a berthd restart: adopts every task a previous berthd left in the state
+    /// directory (see `adopt`). A task whose init still runs is driven and watched as
+    /// before, except that its exit code cannot be known; one whose init is gone comes back
+    /// exited (see [`adopted_exit`]) and stays until it is deleted. A directory without a
+    /// record (a create cut short before it was written) is removed: the runtime's recovery
+    /// deletes whatever container the runtime made for it.
+    fn adopt_all(&self) -> Result<Vec<RecoveredTask>, ShimError> {
+        if !self.keep_records {
+            return Ok(Vec::new());
+        }
+        let entries = std::fs::read_dir(&self.state_dir)
+            .map_err(io_err("read directory", &self.state_dir))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str() else { continue };
+            if validate_id(id).is_err()
+                || !entry.file_type().is_ok_and(|t| t.is_dir())
+                || lock(&self.tasks).contains_key(id)
+            {
+                continue;
+            }
+            let dir = entry.path();
+            let rec = match adopt::read(&dir) {
+                Ok(rec) => rec,
+                Err(e) => {
+                    tracing::info!(id, error = %e, "removing task state without a usable record");
+                    remove_dir(&dir);
+                    continue;
+                }
+            };
+            match self.adopt(id, dir, rec) {
+                Ok(task) => out.push(task),
+                // Left as it is: the runtime falls back to what it recorded (the pid).
+                Err(e) => tracing::warn!(id, error = %e, "cannot adopt task"),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Adopts one task from its record.
+    fn adopt(&self, id: &str, dir: PathBuf, rec: TaskFile) -> Result<RecoveredTask, ShimError> {
+        let (pid, pod_id) = (rec.pid, rec.pod_id.clone());
+        let pidfd = match rec.start_time {
+            Some(start) => PidFd::open_if_same(pid, start)?.map(Arc::new),
+            None => None,
+        };
+        let oom = rec
+            .memory_cgroup
+            .as_deref()
+            .and_then(|d| OomCounter::open_since(d, OomBaseline::from_count(rec.oom_baseline)));
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let mut background = Vec::new();
+        let (state, log) = match &pidfd {
+            Some(pidfd) => {
+                // Its stdout and stderr were pipes to the previous berthd, whose read ends
+                // died with it: what the container writes from now on is lost (EPIPE, or
+                // SIGPIPE for a writer that does not ignore it). The log writer is kept only
+                // so that a rotation still gets a fresh file.
+                let log = rec.log_path.as_deref().and_then(|p| match LogWriter::open(p) {
+                    Ok(w) => Some(Arc::new(w)),
+                    Err(e) => {
+                        tracing::warn!(id, error = %e, "adopted task: cannot open its log");
+                        None
+                    }
+                });
+                if let Some(oom) = &oom {
+                    match oom.watch(id.to_owned(), self.events.clone()) {
+                        Ok(h) => background.push(h.abort_handle()),
+                        Err(e) => tracing::warn!(id, error = %e, "no live OOM notifications"),
+                    }
+                }
+                tokio::spawn(monitor_adopted_exit(
+                    id.to_owned(),
+                    pid,
+                    pidfd.clone(),
+                    oom.clone(),
+                    exit_tx,
+                    self.events.clone(),
+                ));
+                let state = if rec.started {
+                    TaskState::Running { pid }
+                } else {
+                    TaskState::Created { pid }
+                };
+                (state, log)
+            }
+            None => {
+                // Gone while no berthd watched. No event: the caller (the runtime's
+                // recovery) takes the exit from the state returned.
+                let exit = adopted_exit(oom.as_ref());
+                exit_tx.send_replace(Some(exit));
+                (TaskState::Exited(exit), None)
+            }
+        };
+        let task = Arc::new(Task {
+            runtime: RuntimeCmd::new(rec.runtime.clone(), rec.runtime_root.clone()),
+            dir,
+            pid,
+            started: AtomicBool::new(rec.started),
+            exit: exit_rx,
+            log,
+            oom,
+            stdin: Mutex::new(None),
+            background: Mutex::new(background),
+            record: Some(rec),
+            pidfd,
+        });
+        lock(&self.tasks).insert(id.to_owned(), task);
+        tracing::info!(id, pid, ?state, "adopted task");
+        Ok(RecoveredTask { id: id.to_owned(), pod_id, state })
     }
 }
 
@@ -354,14 +513,11 @@ fn signal_directly(task: &Task, signal: i32, all: bool) -> Result<Option<bool>, 
     let Ok(sig) = nix::sys::signal::Signal::try_from(signal) else {
         return Ok(None); // real-time signals: leave them to the runtime
     };
-    let kill = nix::sys::signal::Signal::SIGKILL;
     let started = task.started.load(Ordering::Acquire);
-    let same_as_runtime = !started || (!all && sig != kill);
     let reaper = Reaper::global()?;
     let Ok(pid) = i32::try_from(task.pid) else { return Ok(None) };
     let sent = reaper.with_unreaped(pid, |pid| {
-        let kills_namespace = sig == kill && is_pid_namespace_init(pid);
-        if !(same_as_runtime || kills_namespace) {
+        if !init_signal_suffices(started, sig, all, pid) {
             return Ok(false);
         }
         match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
@@ -376,6 +532,32 @@ fn signal_directly(task: &Task, signal: i32, all: bool) -> Result<Option<bool>, 
         Some(Ok(false)) => Ok(None),
         Some(Err(e)) => Err(e),
     }
+}
+
+/// Whether signalling the init `pid` alone does what `<runtime> kill` would (see
+/// [`signal_directly`]).
+fn init_signal_suffices(started: bool, sig: nix::sys::signal::Signal, all: bool, pid: i32) -> bool {
+    let kill = nix::sys::signal::Signal::SIGKILL;
+    let same_as_runtime = !started || (!all && sig != kill);
+    same_as_runtime || (sig == kill && is_pid_namespace_init(pid))
+}
+
+/// [`signal_directly`] for an adopted task, whose exit the reaper never holds back (it is
+/// not our child): the same choice, the signal sent through the task's pidfd, which cannot
+/// name a recycled process. (Should the PID be recycled by the time the namespace check
+/// reads `/proc`, the pidfd finds the task's process gone whatever the check said.)
+fn signal_adopted(
+    task: &Task,
+    pidfd: &PidFd,
+    signal: i32,
+    all: bool,
+) -> Result<Option<bool>, ShimError> {
+    let Ok(sig) = nix::sys::signal::Signal::try_from(signal) else { return Ok(None) };
+    let Ok(pid) = i32::try_from(task.pid) else { return Ok(None) };
+    if !init_signal_suffices(task.started.load(Ordering::Acquire), sig, all, pid) {
+        return Ok(None);
+    }
+    pidfd.send_signal(sig).map(Some)
 }
 
 /// Whether `pid` is PID 1 of its own PID namespace (the last `NSpid` field of its status is
@@ -462,6 +644,59 @@ async fn monitor_exit(
     let _ = events.send(TaskEvent::Exited { id, exit });
 }
 
+/// The exit of an adopted task whose init is gone. Not our child, it was reaped by someone
+/// else, so its code is unknown: 255 and `lost` (the runtime reports the reason `Unknown`).
+/// Except when the cgroup's OOM-kill counter rose since the task was created: then it is
+/// reported as the init's OOM kill (137, `oom_killed`, not `lost`). The counter does not
+/// say which process the OOM killer chose, but an OOM kill in the container and an init
+/// that died unseen go together far more often than not, and `OOMKilled` (telling the user
+/// to raise the limit) serves better than `Unknown`. The edge of `oom.rs`, wider here: an
+/// exec'd process OOM-killed and an init that then ended by itself also reads as the init's
+/// OOM kill.
+fn adopted_exit(oom: Option<&OomCounter>) -> Exit {
+    let at = std::time::SystemTime::now();
+    if oom.is_some_and(OomCounter::killed_since_baseline) {
+        Exit { code: 128 + libc::SIGKILL, at, oom_killed: true, lost: false }
+    } else {
+        Exit { code: 255, at, oom_killed: false, lost: true }
+    }
+}
+
+/// [`monitor_exit`] for an adopted task: waits on its pidfd, then publishes
+/// [`adopted_exit`].
+async fn monitor_adopted_exit(
+    id: String,
+    pid: u32,
+    pidfd: Arc<PidFd>,
+    oom: Option<OomCounter>,
+    exit_tx: watch::Sender<Option<Exit>>,
+    events: broadcast::Sender<TaskEvent>,
+) {
+    if let Err(e) = pidfd.exited().await {
+        // No poller for it (out of descriptors?): ask the pidfd now and then instead.
+        tracing::warn!(id, pid, error = %e, "cannot poll the adopted task's pidfd; polling");
+        while !pidfd.has_exited() {
+            tokio::time::sleep(ADOPTED_POLL).await;
+        }
+    }
+    // Before anyone runs `delete` and the cgroup disappears.
+    let exit = adopted_exit(oom.as_ref());
+    if exit.oom_killed
+        && let Some(oom) = &oom
+    {
+        oom.report_new_kills(&id, &events);
+    }
+    tracing::info!(
+        id,
+        pid,
+        code = exit.code,
+        oom_killed = exit.oom_killed,
+        "adopted task exited (its exit code is unknown)"
+    );
+    exit_tx.send_replace(Some(exit));
+    let _ = events.send(TaskEvent::Exited { id, exit });
+}
+
 impl EmbeddedShim {
     /// [`Shim::exec_sync`] with the process as OCI JSON, checked cheaply and handed to the
     /// runtime as it is: what the external shim serves (see `exec::check_process_json`).
@@ -510,6 +745,13 @@ impl Shim for EmbeddedShim {
         }
         task.runtime.run(id, "start", &[OsStr::new(id)]).await?;
         task.started.store(true, Ordering::Release);
+        if let Some(rec) = &task.record
+            && let Err(e) = adopt::write(&task.dir, &TaskFile { started: true, ..rec.clone() })
+        {
+            // It did start: failing the call would be false. A restarted berthd would adopt
+            // the task as created, whose SIGKILL of all processes reaches only the init.
+            tracing::warn!(id, error = %e, "cannot record the task's start");
+        }
         Ok(())
     }
 
@@ -518,7 +760,11 @@ impl Shim for EmbeddedShim {
         if task.exit().is_some() {
             return Ok(());
         }
-        if let Some(done) = signal_directly(&task, signal, all)? {
+        let direct = match &task.pidfd {
+            Some(pidfd) => signal_adopted(&task, pidfd, signal, all)?,
+            None => signal_directly(&task, signal, all)?,
+        };
+        if let Some(done) = direct {
             tracing::trace!(id, signal, all, signalled = done, "signalled the init directly");
             return Ok(());
         }
@@ -589,6 +835,21 @@ impl Shim for EmbeddedShim {
 
     fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
         self.events.subscribe()
+    }
+
+    fn bind_container(&self, container_id: &str, pod_id: &str) {
+        if self.keep_records {
+            lock(&self.pods).insert(container_id.to_owned(), pod_id.to_owned());
+        }
+    }
+
+    async fn reattach(&self) -> Result<Vec<RecoveredTask>, ShimError> {
+        self.adopt_all()
+    }
+
+    async fn release_pod(&self, pod_id: &str) -> Result<(), ShimError> {
+        lock(&self.pods).retain(|_, p| p != pod_id);
+        Ok(())
     }
 }
 

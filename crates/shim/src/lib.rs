@@ -9,11 +9,14 @@
 //! `runtime_cmd` (runtime invocations), `log` (CRI log files), `oom` (OOM-kill detection),
 //! `exec` (`exec_sync`), `console` (ttys via `--console-socket`), `embedded` (the [`Shim`]
 //! implementation), `external` (the `berth-shim` server, its client and wire format),
-//! `state_file` (the external shim's per-task exit records), `any` (the [`AnyShim`] choice).
+//! `state_file` (the external shim's per-task exit records), `adopt` (the embedded shim's
+//! task records and pidfds, by which a restarted berthd adopts its tasks), `any` (the
+//! [`AnyShim`] choice).
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+mod adopt;
 mod any;
 pub mod command;
 mod console;
@@ -175,8 +178,9 @@ pub trait Shim: Send + Sync {
     fn bind_container(&self, _container_id: &str, _pod_id: &str) {}
     /// After a berthd restart: reattaches to the tasks that outlived the previous berthd and
     /// returns them with their states (exits that happened meanwhile included). The
-    /// embedded shim's tasks cannot be reattached (their exit codes died with berthd): it
-    /// returns nothing.
+    /// embedded shim adopts its tasks from the records it keeps: their processes are no
+    /// longer berthd's children, so their exit codes are lost (`Exit::lost`, code 255) and
+    /// so is their output from then on; exec, signals, stop and delete work as before.
     fn reattach(
         &self,
     ) -> impl std::future::Future<Output = Result<Vec<RecoveredTask>, ShimError>> + Send {

@@ -93,6 +93,16 @@ impl OomBaseline {
             .unwrap_or(0);
         OomBaseline(count)
     }
+
+    /// The count, to keep in a task record.
+    pub(crate) fn count(self) -> u64 {
+        self.0
+    }
+
+    /// A count kept in a task record.
+    pub(crate) fn from_count(count: u64) -> Self {
+        OomBaseline(count)
+    }
 }
 
 /// A memory cgroup whose OOM kills we count.
@@ -153,7 +163,13 @@ impl OomCounter {
     /// Whether a main process that exited with `exit_code` was OOM-killed: it died of
     /// `SIGKILL` and the counter rose since the baseline.
     pub fn main_process_oom_killed(&self, exit_code: i32) -> bool {
-        exit_code == 128 + libc::SIGKILL && self.read().is_some_and(|n| n > self.baseline)
+        exit_code == 128 + libc::SIGKILL && self.killed_since_baseline()
+    }
+
+    /// Whether the counter rose since the baseline: the OOM killer killed some process of
+    /// the cgroup (which one, the counter does not say).
+    pub fn killed_since_baseline(&self) -> bool {
+        self.read().is_some_and(|n| n > self.baseline)
     }
 
     /// Emits a [`TaskEvent::Oom`] for `id` if the counter rose past what was reported

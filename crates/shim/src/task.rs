@@ -8,13 +8,15 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use crate::adopt::{PidFd, TaskFile};
 use crate::log::LogWriter;
 use crate::oom::OomCounter;
 use crate::runtime_cmd::RuntimeCmd;
 use crate::{Exit, TaskState};
 
 /// One task. Immutable after creation except for the `started` flag, the exit (published
-/// once by the exit monitor) and the background tasks' handles.
+/// once by the exit monitor) and the background tasks' handles. Either created by this
+/// shim, or adopted from a previous berthd's (see `adopt`).
 pub(crate) struct Task {
     pub(crate) runtime: RuntimeCmd,
     /// `<state_dir>/<id>`.
@@ -31,6 +33,12 @@ pub(crate) struct Task {
     pub(crate) stdin: Mutex<Option<OwnedFd>>,
     /// Log copiers and the OOM watcher, stopped on delete.
     pub(crate) background: Mutex<Vec<AbortHandle>>,
+    /// The task's record for a later berthd (`None` where none is kept: the external shim
+    /// keeps its own).
+    pub(crate) record: Option<TaskFile>,
+    /// Set for a task adopted from a previous berthd whose init still ran: not our child,
+    /// so the reaper never sees its exit. It is watched, and signalled, through this.
+    pub(crate) pidfd: Option<Arc<PidFd>>,
 }
 
 impl Task {

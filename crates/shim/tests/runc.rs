@@ -480,3 +480,99 @@ async fn tty_output_is_logged() {
         std::fs::read_dir(f.dir.path().join("state")).unwrap().filter_map(|e| e.ok()).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// A berthd restart, as the embedded shim sees it: a new shim on the same state directory.
+fn restarted(f: &Fixture) -> Arc<EmbeddedShim> {
+    EmbeddedShim::new(f.dir.path().join("state")).unwrap()
+}
+
+#[tokio::test]
+async fn running_task_is_adopted_after_restart() {
+    if !available() {
+        return;
+    }
+    let f = fixture("adopt", &["/bin/sleep", "1000"], None);
+    f.shim.bind_container(&f.id, "pod-a");
+    let pid = f.create_and_start().await;
+    // A create cut short before its record was written leaves a directory without one.
+    let stray = f.dir.path().join("state/half-made");
+    std::fs::create_dir_all(&stray).unwrap();
+
+    let shim = restarted(&f);
+    let tasks = shim.reattach().await.unwrap();
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!((tasks[0].id.as_str(), tasks[0].pod_id.as_str()), (f.id.as_str(), "pod-a"));
+    assert_eq!(tasks[0].state, TaskState::Running { pid });
+    assert!(!stray.exists(), "state without a record left");
+    assert_eq!(shim.state(&f.id).await.unwrap(), TaskState::Running { pid });
+
+    let out = shim.exec_sync(&f.id, process(&["/bin/echo", "hi"]), None).await.unwrap();
+    assert_eq!((out.exit_code, out.stdout.as_slice()), (0, b"hi\n".as_slice()));
+    shim.reopen_log(&f.id).await.unwrap();
+    assert!(shim.wait(&f.id, Duration::from_millis(100)).await.unwrap().is_none());
+
+    // Not the new shim's child: its exit is seen through the pidfd, its code is not.
+    let mut events = shim.subscribe();
+    shim.kill(&f.id, libc::SIGKILL, true).await.unwrap();
+    let exit = shim.wait(&f.id, Duration::from_secs(30)).await.unwrap().expect("exited");
+    assert_eq!((exit.code, exit.lost, exit.oom_killed), (255, true, false));
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+    assert_eq!(ev, TaskEvent::Exited { id: f.id.clone(), exit });
+    assert!(!alive(pid));
+    // Killing it again is fine.
+    shim.kill(&f.id, libc::SIGKILL, true).await.unwrap();
+    shim.delete(&f.id).await.unwrap();
+    assert!(!f.dir.path().join("state").join(&f.id).exists());
+    assert!(!f.runtime_root().join(&f.id).exists());
+    assert!(shim.reattach().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn task_gone_during_restart_comes_back_exited() {
+    if !available() {
+        return;
+    }
+    let f = fixture("adoptgone", &["/bin/sh", "-c", "exit 3"], None);
+    f.create_and_start().await;
+    let exit = f.shim.wait(&f.id, Duration::from_secs(30)).await.unwrap().expect("exited");
+    assert_eq!(exit.code, 3);
+
+    let shim = restarted(&f);
+    let tasks = shim.reattach().await.unwrap();
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    let TaskState::Exited(exit) = tasks[0].state else { panic!("{tasks:?}") };
+    assert_eq!((exit.code, exit.lost, exit.oom_killed), (255, true, false));
+    assert_eq!(shim.wait(&f.id, Duration::from_secs(1)).await.unwrap(), Some(exit));
+    assert!(matches!(
+        shim.exec_sync(&f.id, process(&["/bin/true"]), None).await,
+        Err(ShimError::NotRunning { .. })
+    ));
+    shim.kill(&f.id, libc::SIGKILL, true).await.unwrap();
+    shim.delete(&f.id).await.unwrap();
+    assert!(!f.dir.path().join("state").join(&f.id).exists());
+    assert!(!f.runtime_root().join(&f.id).exists());
+}
+
+#[tokio::test]
+async fn oom_kill_during_restart_is_reported() {
+    if !available() || !memory_cgroup_v1() {
+        return;
+    }
+    let f = fixture("adoptoom", &["/bin/sh", "-c", "sleep 1; tail /dev/zero"], Some(32 << 20));
+    f.create_and_start().await;
+    let exit = f.shim.wait(&f.id, Duration::from_secs(60)).await.unwrap().expect("exited");
+    assert!(exit.oom_killed);
+
+    let shim = restarted(&f);
+    let tasks = shim.reattach().await.unwrap();
+    let TaskState::Exited(exit) = tasks[0].state else { panic!("{tasks:?}") };
+    assert_eq!((exit.code, exit.lost, exit.oom_killed), (137, false, true));
+    shim.delete(&f.id).await.unwrap();
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}

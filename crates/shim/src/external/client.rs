@@ -49,12 +49,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A task found by [`ExternalShim::connect_existing`].
+/// A task found after a berthd restart by [`ExternalShim::connect_existing`] or the embedded
+/// shim's [`Shim::reattach`](crate::Shim::reattach).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveredTask {
     /// Container ID.
     pub id: String,
-    /// The pod sandbox whose shim runs it.
+    /// The pod sandbox whose shim runs it (embedded shim: the pod it was bound to, maybe
+    /// empty).
     pub pod_id: String,
     /// Its state; `Exited` with code 255 when its shim died without recording an exit.
     pub state: TaskState,
