@@ -215,6 +215,9 @@ impl RuntimeError {
             ExecTimeout { .. } => ErrorClass::DeadlineExceeded,
             Shim(ShimError::NotRunning { .. }) => ErrorClass::FailedPrecondition,
             Shim(ShimError::TtyNotSupported { .. }) => ErrorClass::Unimplemented,
+            // The node's log directory holds a symlink, FIFO or directory where the log goes:
+            // nothing the request can fix, and nothing berth may write through.
+            Shim(ShimError::LogNotRegular { .. }) => ErrorClass::FailedPrecondition,
             Net(NetError::InvalidHostname(_)) => ErrorClass::InvalidArgument,
             PodCidr { source, .. }
                 if matches!(**source, berth_net::NetworkError::InvalidSubnet { .. }) =>
