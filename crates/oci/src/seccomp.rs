@@ -88,13 +88,20 @@ pub(crate) fn file_kind(t: std::fs::FileType) -> &'static str {
     }
 }
 
-/// Opens a profile for reading, refusing anything but a regular file. The open is
-/// non-blocking, so a FIFO (which would wait for a writer) or a device cannot stall the
-/// runtime thread that builds the spec; the type is checked on the opened file (fstat), so
-/// nothing can be swapped in between. Symlinks are followed: a profile linked from the
-/// kubelet's directory is fine, the check applies to what the link points to.
+/// Opens a profile for reading, refusing anything but a regular file. A stat first keeps us
+/// from opening devices at all (opening some has side effects); the open is non-blocking,
+/// so a FIFO swapped in meanwhile (which would wait for a writer) cannot stall the runtime
+/// thread that builds the spec, and the type is checked again on the opened file (fstat).
+/// Symlinks are followed: a profile linked from the kubelet's directory is fine, the check
+/// applies to what the link points to.
 fn open_profile(path: &Path) -> Result<File, SpecError> {
     let read_err = |source| SpecError::SeccompProfileRead { path: path.to_path_buf(), source };
+    let not_regular =
+        |t| SpecError::SeccompProfileNotRegular { path: path.to_path_buf(), kind: file_kind(t) };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if !meta.file_type().is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -102,10 +109,7 @@ fn open_profile(path: &Path) -> Result<File, SpecError> {
         .map_err(read_err)?;
     let meta = file.metadata().map_err(read_err)?;
     if !meta.file_type().is_file() {
-        return Err(SpecError::SeccompProfileNotRegular {
-            path: path.to_path_buf(),
-            kind: file_kind(meta.file_type()),
-        });
+        return Err(not_regular(meta.file_type()));
     }
     Ok(file)
 }

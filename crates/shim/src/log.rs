@@ -231,6 +231,13 @@ fn file_kind(t: std::fs::FileType) -> &'static str {
 /// nothing for a regular file, and the log must never see short writes.
 fn open_log(path: &Path) -> Result<File, ShimError> {
     let io = |action| move |source| ShimError::Io { action, path: path.to_owned(), source };
+    // A look first, so that a device node there is never opened (opening some has side
+    // effects); the flags and the fstat below cover what is swapped in meanwhile.
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && !meta.file_type().is_file()
+    {
+        return Err(not_regular(path, meta.file_type()));
+    }
     let file = match OpenOptions::new()
         .create(true)
         .append(true)
