@@ -29,10 +29,12 @@ pub fn process_args(
         out.extend(command.iter().cloned());
         out.extend(args.iter().cloned());
     }
-    if out.is_empty() {
-        return Err(SpecError::NoCommand);
+    match out.first() {
+        None => Err(SpecError::NoCommand),
+        // runc would only fail at start, looking up "" as the executable.
+        Some(exe) if exe.is_empty() => Err(SpecError::EmptyExecutable),
+        Some(_) => Ok(out),
     }
-    Ok(out)
 }
 
 /// The working directory: the config's, else the image's, else `/`.
@@ -78,6 +80,14 @@ mod tests {
     fn empty_is_error() {
         assert!(matches!(process_args(&[], &[], &[], &[]), Err(SpecError::NoCommand)));
         assert!(matches!(process_args(&[], &[], &v(&[""]), &[]), Err(SpecError::NoCommand)));
+        assert!(matches!(
+            process_args(&v(&[""]), &v(&["x"]), &[], &[]),
+            Err(SpecError::EmptyExecutable)
+        ));
+        assert!(matches!(
+            process_args(&[], &[], &[], &v(&["", "x"])),
+            Err(SpecError::EmptyExecutable)
+        ));
     }
 
     #[test]

@@ -18,6 +18,25 @@ pub enum SpecError {
     /// Neither the config (`command`/`args`) nor the image (`Entrypoint`/`Cmd`) gives a command.
     #[error("no command specified: config command/args and image Entrypoint/Cmd are all empty")]
     NoCommand,
+    /// The command's first word (the executable) is empty.
+    #[error("the command's executable (its first word) is empty")]
+    EmptyExecutable,
+    /// A word of `command` or `args` holds a NUL byte, which no argv string can carry.
+    #[error("{field} word {value:?} contains a NUL byte")]
+    NulByte {
+        /// `command` or `args`.
+        field: &'static str,
+        /// The word (cut if long).
+        value: String,
+    },
+    /// An `envs` entry cannot be put in a process environment.
+    #[error("invalid envs entry {key:?}: {reason}")]
+    InvalidEnv {
+        /// The entry's name (cut if long).
+        key: String,
+        /// Why, e.g. `the name contains '='`.
+        reason: &'static str,
+    },
     /// `exec_process` was called with an empty command.
     #[error("exec command is empty")]
     EmptyExecCommand,
@@ -74,6 +93,16 @@ pub enum SpecError {
         field: &'static str,
         /// The path given.
         path: String,
+    },
+    /// A path field that is unusable or would lead outside where it must stay.
+    #[error("{field} {path:?} {reason}")]
+    InvalidPath {
+        /// The CRI field, e.g. `log_path`.
+        field: &'static str,
+        /// The path given (cut if long).
+        path: String,
+        /// Why, e.g. `must not contain ".."`.
+        reason: &'static str,
     },
     /// A mount's `host_path` does not exist (or cannot be resolved).
     #[error("mount host_path {host_path:?} (for {container_path:?}): {source}")]
@@ -160,6 +189,23 @@ pub enum SpecError {
         path: PathBuf,
         /// The underlying error.
         source: std::io::Error,
+    },
+    /// A Localhost seccomp profile is not a regular file (a FIFO, a device, a directory):
+    /// reading it could block forever or never end.
+    #[error("seccomp profile {path} is {kind}, not a regular file")]
+    SeccompProfileNotRegular {
+        /// The resolved profile path.
+        path: PathBuf,
+        /// What it is instead, e.g. `a FIFO`.
+        kind: &'static str,
+    },
+    /// A Localhost seccomp profile is larger than we read.
+    #[error("seccomp profile {path} is larger than {limit} bytes")]
+    SeccompProfileTooLarge {
+        /// The resolved profile path.
+        path: PathBuf,
+        /// The limit, in bytes.
+        limit: u64,
     },
     /// A Localhost seccomp profile file is not a valid profile.
     #[error("parsing seccomp profile {path}: {source}")]

@@ -18,6 +18,7 @@ use oci_spec::runtime::{Linux, LinuxResources, Process, Root, Spec, User};
 
 pub mod args;
 pub mod caps;
+pub mod checks;
 pub mod devices;
 pub mod env;
 mod error;
@@ -32,6 +33,7 @@ pub mod seccomp_default;
 pub mod sysctl;
 pub mod user;
 
+pub use checks::{container_log_path, validate_pod_paths};
 pub use error::SpecError;
 pub use host_cgroups::{Controller, HostCgroups};
 pub use namespaces::detect_cgroup_v2;
@@ -272,10 +274,12 @@ fn annotations(input: &ContainerSpecInput<'_>) -> HashMap<String, String> {
     out
 }
 
-/// Checks a container config before anything is created: metadata and image present, volume
-/// and device paths absolute and existing, capability names known, the user fields coherent,
-/// an absolute Localhost seccomp profile present. An empty command is fine here (the image
-/// may supply one; `container_spec` refuses it if none does).
+/// Checks a container config before anything is created: metadata and image present, the
+/// log path inside the pod's log directory, environment names, working directory and argv
+/// usable by the kernel, volume targets confined to the container and volume and device
+/// sources existing, capability names known, the user fields coherent, an absolute Localhost
+/// seccomp profile a regular file. An empty command is fine here (the image may supply one;
+/// `container_spec` refuses it if none does).
 pub fn validate_container_config(config: &ContainerConfig) -> Result<(), SpecError> {
     let meta = config.metadata.as_ref().ok_or(SpecError::MissingMetadata)?;
     if meta.name.is_empty() {
@@ -284,6 +288,10 @@ pub fn validate_container_config(config: &ContainerConfig) -> Result<(), SpecErr
     if config.image.as_ref().is_none_or(|i| i.image.is_empty()) {
         return Err(SpecError::MissingImage);
     }
+    checks::check_log_path(&config.log_path)?;
+    checks::check_envs(&config.envs)?;
+    checks::check_working_dir(&config.working_dir)?;
+    checks::check_argv(&config.command, &config.args)?;
     for m in &config.mounts {
         mounts::check_cri_mount(m)?;
     }
@@ -313,8 +321,7 @@ pub fn validate_container_config(config: &ContainerConfig) -> Result<(), SpecErr
     if let seccomp::SeccompChoice::Localhost(path) = seccomp::seccomp_choice(&sc, Path::new(""))?
         && path.is_absolute()
     {
-        std::fs::metadata(&path)
-            .map_err(|source| SpecError::SeccompProfileRead { path, source })?;
+        seccomp::check_profile_file(&path)?;
     }
     Ok(())
 }

@@ -96,12 +96,7 @@ pub(crate) fn check_cri_mount(m: &CriMount) -> Result<PathBuf, SpecError> {
     if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
         return Err(SpecError::ImageVolumeUnsupported { container_path: m.container_path.clone() });
     }
-    if !m.container_path.starts_with('/') {
-        return Err(SpecError::RelativePath {
-            field: "mounts.container_path",
-            path: m.container_path.clone(),
-        });
-    }
+    crate::checks::check_container_path("mounts.container_path", &m.container_path)?;
     if !m.host_path.starts_with('/') {
         return Err(SpecError::RelativePath {
             field: "mounts.host_path",

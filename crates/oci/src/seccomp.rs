@@ -1,6 +1,9 @@
 //! Which seccomp profile a container gets: the `seccomp` field or the deprecated
 //! `seccomp_profile_path`, resolved to nothing, the built-in default, or a file on the node.
 
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::LinuxContainerSecurityContext;
@@ -62,11 +65,83 @@ pub fn seccomp_choice(
     }
 }
 
-/// Reads a profile file: the OCI `LinuxSeccomp` JSON, also accepting Docker's profile format
-/// (`archMap` instead of `architectures`, `name` instead of `names`).
-pub fn load_profile(path: &Path) -> Result<LinuxSeccomp, SpecError> {
-    let text = std::fs::read(path)
+/// The largest profile we read. Docker's default profile is about 20 KiB; the bound keeps a
+/// reference to `/dev/zero`, or to a huge file, from exhausting berthd's memory.
+pub const MAX_PROFILE_SIZE: u64 = 1024 * 1024;
+
+/// What a file that is not a regular file is, for error messages.
+pub(crate) fn file_kind(t: std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "of an unknown file type"
+    }
+}
+
+/// Opens a profile for reading, refusing anything but a regular file. A stat first keeps us
+/// from opening devices at all (opening some has side effects); the open is non-blocking,
+/// so a FIFO swapped in meanwhile (which would wait for a writer) cannot stall the runtime
+/// thread that builds the spec, and the type is checked again on the opened file (fstat).
+/// Symlinks are followed: a profile linked from the kubelet's directory is fine, the check
+/// applies to what the link points to.
+fn open_profile(path: &Path) -> Result<File, SpecError> {
+    let read_err = |source| SpecError::SeccompProfileRead { path: path.to_path_buf(), source };
+    let not_regular =
+        |t| SpecError::SeccompProfileNotRegular { path: path.to_path_buf(), kind: file_kind(t) };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if !meta.file_type().is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.file_type().is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    Ok(file)
+}
+
+/// Checks that a profile is a regular file without reading it (for validation before
+/// anything is created).
+pub fn check_profile_file(path: &Path) -> Result<(), SpecError> {
+    open_profile(path).map(drop)
+}
+
+/// Reads at most [`MAX_PROFILE_SIZE`] bytes of a regular file.
+fn read_profile(path: &Path) -> Result<Vec<u8>, SpecError> {
+    let file = open_profile(path)?;
+    let mut text = Vec::new();
+    // One byte more than allowed tells "exactly the limit" from "larger".
+    file.take(MAX_PROFILE_SIZE + 1)
+        .read_to_end(&mut text)
         .map_err(|source| SpecError::SeccompProfileRead { path: path.to_path_buf(), source })?;
+    if text.len() as u64 > MAX_PROFILE_SIZE {
+        return Err(SpecError::SeccompProfileTooLarge {
+            path: path.to_path_buf(),
+            limit: MAX_PROFILE_SIZE,
+        });
+    }
+    Ok(text)
+}
+
+/// Reads a profile file: the OCI `LinuxSeccomp` JSON, also accepting Docker's profile format
+/// (`archMap` instead of `architectures`, `name` instead of `names`). Only a regular file of
+/// at most [`MAX_PROFILE_SIZE`] bytes is read.
+pub fn load_profile(path: &Path) -> Result<LinuxSeccomp, SpecError> {
+    let text = read_profile(path)?;
     let parse_err = |source| SpecError::SeccompProfileParse { path: path.to_path_buf(), source };
     let mut value: serde_json::Value = serde_json::from_slice(&text).map_err(parse_err)?;
     if let Some(obj) = value.as_object_mut() {
@@ -218,6 +293,51 @@ mod tests {
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, r#"{"defaultAction":"SCMP_ACT_NOPE"}"#).unwrap();
         assert!(matches!(load_profile(&bad), Err(SpecError::SeccompProfileParse { .. })));
+
+        // A symlink to a regular profile is fine.
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&docker, &link).unwrap();
+        assert!(load_profile(&link).is_ok());
+    }
+
+    #[test]
+    fn hostile_profiles_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // A device: /dev/zero would be read forever.
+        assert!(matches!(
+            load_profile(Path::new("/dev/zero")),
+            Err(SpecError::SeccompProfileNotRegular { kind: "a character device", .. })
+        ));
+        let zero = dir.path().join("zero.json");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert!(matches!(
+            check_profile_file(&zero),
+            Err(SpecError::SeccompProfileNotRegular { .. })
+        ));
+        // A FIFO without a writer: a blocking open would wait forever.
+        let fifo = dir.path().join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = load_profile(&fifo).unwrap_err();
+        assert!(
+            matches!(&err, SpecError::SeccompProfileNotRegular { kind: "a FIFO", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("fifo.json"), "{err}");
+        // A directory.
+        assert!(matches!(
+            load_profile(dir.path()),
+            Err(SpecError::SeccompProfileNotRegular { kind: "a directory", .. })
+        ));
+        // Over the size limit (sparse: no disk used).
+        let big = dir.path().join("big.json");
+        File::create(&big).unwrap().set_len(MAX_PROFILE_SIZE + 1).unwrap();
+        assert!(matches!(
+            load_profile(&big),
+            Err(SpecError::SeccompProfileTooLarge { limit: MAX_PROFILE_SIZE, .. })
+        ));
+        // Exactly the limit is read (and then fails to parse: it is all NULs).
+        File::create(&big).unwrap().set_len(MAX_PROFILE_SIZE).unwrap();
+        assert!(matches!(load_profile(&big), Err(SpecError::SeccompProfileParse { .. })));
     }
 
     #[test]

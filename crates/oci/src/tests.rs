@@ -384,11 +384,43 @@ fn validate() {
         validate_container_config(&f4.container),
         Err(SpecError::UnknownCapability { name }) if name == "BOGUS"
     ));
+    let mut f5 = Fixture::new();
+    f5.sc().seccomp = Some(SecurityProfile {
+        profile_type: ProfileType::Localhost as i32,
+        localhost_ref: "/dev/zero".into(),
+    });
+    assert!(matches!(
+        validate_container_config(&f5.container),
+        Err(SpecError::SeccompProfileNotRegular { .. })
+    ));
     // Empty command and args are fine here.
     let mut c = f.container.clone();
     c.command.clear();
     c.args.clear();
     assert!(validate_container_config(&c).is_ok());
+
+    // Fields that used to pass here and fail at start (or lead outside the pod's dirs).
+    let refused = |edit: &dyn Fn(&mut ContainerConfig), field: &str| {
+        let mut c = f.container.clone();
+        edit(&mut c);
+        let err = validate_container_config(&c).expect_err(field);
+        assert!(err.to_string().contains(field), "{field}: {err}");
+    };
+    refused(&|c| c.log_path = "../../etc/cron.d/x".into(), "log_path");
+    refused(&|c| c.log_path = "/etc/shadow".into(), "log_path");
+    refused(&|c| c.log_path = ".".into(), "log_path");
+    refused(&|c| c.envs.push(KeyValue { key: String::new(), value: "x".into() }), "envs");
+    refused(&|c| c.envs.push(KeyValue { key: "A=B".into(), value: "x".into() }), "envs");
+    refused(&|c| c.working_dir = "srv".into(), "working_dir");
+    refused(&|c| c.command = vec!["/bin/s\0h".into()], "command");
+    let mount = |path: &str| CriMount {
+        container_path: path.into(),
+        host_path: "/tmp".into(),
+        ..Default::default()
+    };
+    for path in ["/", "/x/../..", "rel", "/x\0"] {
+        refused(&|c| c.mounts = vec![mount(path)], "mounts.container_path");
+    }
 }
 
 #[test]

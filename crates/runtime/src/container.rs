@@ -178,6 +178,9 @@ impl<S: Shim + 'static> Runtime<S> {
             .find_sandbox(&req.pod_sandbox_id)
             .ok_or_else(|| RuntimeError::SandboxNotFound(req.pod_sandbox_id.clone()))?;
         berth_oci::validate_container_config(&config).map_err(RuntimeError::ContainerConfig)?;
+        // The log path within the pod's directory, checked before anything is made.
+        berth_oci::container_log_path(&sandbox.meta.config.log_directory, &config.log_path)
+            .map_err(RuntimeError::ContainerConfig)?;
         let image = self
             .images
             .get(&image_name)
@@ -307,17 +310,13 @@ impl<S: Shim + 'static> Runtime<S> {
         write_volatile(&bundle.join("config.json"), &spec_json)?;
         let t_spec = t0.elapsed();
 
-        let log_dir = &sandbox.meta.config.log_directory;
-        let log_path = if !log_dir.is_empty() && !config.log_path.is_empty() {
-            let p = PathBuf::from(log_dir).join(&config.log_path);
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(RuntimeError::io("create directory", parent))?;
-            }
-            Some(p)
-        } else {
-            None
-        };
+        let log_path =
+            berth_oci::container_log_path(&sandbox.meta.config.log_directory, &config.log_path)
+                .map_err(RuntimeError::ContainerConfig)?;
+        if let Some(parent) = log_path.as_deref().and_then(|p| p.parent()) {
+            std::fs::create_dir_all(parent)
+                .map_err(RuntimeError::io("create directory", parent))?;
+        }
 
         let stop_signal = image_config
             .config()

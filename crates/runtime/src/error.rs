@@ -48,6 +48,9 @@ pub enum RuntimeError {
     /// The pod's sysctls were refused.
     #[error("invalid sysctls")]
     Sysctls(#[source] SpecError),
+    /// The pod config's host paths were refused.
+    #[error("invalid pod sandbox config")]
+    PodConfig(#[source] SpecError),
     /// The container config (or the spec built from it) was refused.
     #[error("invalid container config")]
     ContainerConfig(#[source] SpecError),
@@ -202,7 +205,7 @@ impl RuntimeError {
     pub fn class(&self) -> ErrorClass {
         use RuntimeError::*;
         match self {
-            Missing(_) | Invalid { .. } | UnknownHandler(_) | Sysctls(_) => {
+            Missing(_) | Invalid { .. } | UnknownHandler(_) | Sysctls(_) | PodConfig(_) => {
                 ErrorClass::InvalidArgument
             }
             ContainerConfig(e) => match e {
@@ -215,6 +218,9 @@ impl RuntimeError {
             ExecTimeout { .. } => ErrorClass::DeadlineExceeded,
             Shim(ShimError::NotRunning { .. }) => ErrorClass::FailedPrecondition,
             Shim(ShimError::TtyNotSupported { .. }) => ErrorClass::Unimplemented,
+            // The node's log directory holds a symlink, FIFO or directory where the log goes:
+            // nothing the request can fix, and nothing berth may write through.
+            Shim(ShimError::LogNotRegular { .. }) => ErrorClass::FailedPrecondition,
             Net(NetError::InvalidHostname(_)) => ErrorClass::InvalidArgument,
             PodCidr { source, .. }
                 if matches!(**source, berth_net::NetworkError::InvalidSubnet { .. }) =>

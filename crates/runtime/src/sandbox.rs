@@ -101,6 +101,7 @@ impl<S: Shim + 'static> Runtime<S> {
             }
         }
         let (handler, _) = self.handler(&req.runtime_handler)?;
+        berth_oci::validate_pod_paths(&config).map_err(RuntimeError::PodConfig)?;
         let sysctls = berth_oci::validate_sysctls(&config).map_err(RuntimeError::Sysctls)?;
         let ns = namespace_options(&config);
         if ns.pid == NamespaceMode::Target as i32 {

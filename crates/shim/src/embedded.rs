@@ -170,6 +170,10 @@ impl EmbeddedShim {
         let _reservation = self.reserve(&t.id)?;
         let id = t.id.clone();
         let dir = self.state_dir.join(&id);
+        // Until the runtime runs, a failure (an unusable log file, no pipe) must not leave
+        // the directory behind: nothing would ever remove it. One that was there before us
+        // (a task of a previous berthd) is not ours to remove.
+        let mut made_dir = MadeDir((!dir.exists()).then(|| dir.clone()));
         std::fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         let pid_file = dir.join("init.pid");
         let create_log = dir.join("create.log");
@@ -224,6 +228,8 @@ impl EmbeddedShim {
         let before = Instant::now();
         let child = spawn(&mut cmd)
             .map_err(|source| ShimError::Spawn { program: t.runtime.clone(), source })?;
+        // From here on each failure cleans up after the runtime (see `abandon`).
+        made_dir.keep();
         // Close our copies of the write ends: from now on only the container holds them, so
         // the copiers see EOF when it (and its children) are gone.
         drop(cmd);
@@ -484,6 +490,24 @@ impl EmbeddedShim {
         lock(&self.tasks).insert(id.to_owned(), task);
         tracing::info!(id, pid, ?state, "adopted task");
         Ok(RecoveredTask { id: id.to_owned(), pod_id, state })
+    }
+}
+
+/// A task directory made by a create still under way: removed when dropped, unless kept.
+struct MadeDir(Option<PathBuf>);
+
+impl MadeDir {
+    /// Leaves the directory alone from now on.
+    fn keep(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for MadeDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            remove_dir(&dir);
+        }
     }
 }
 

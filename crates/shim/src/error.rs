@@ -69,6 +69,16 @@ pub enum ShimError {
         #[source]
         source: std::io::Error,
     },
+    /// The container's log path holds something other than a regular file: a symlink
+    /// (which would send the output into another host file), a FIFO (which would block the
+    /// writer), a directory.
+    #[error("log file {path} is {kind}, not a regular file")]
+    LogNotRegular {
+        /// The log path.
+        path: PathBuf,
+        /// What is there instead, e.g. `a FIFO`.
+        kind: String,
+    },
     /// A pipe (or other I/O on a process's stdio) failed.
     #[error("{action}: {source}")]
     Pipe {

@@ -201,18 +201,80 @@ pub struct LogWriter {
     file: Mutex<File>,
 }
 
+/// What a file that is not a regular file is, for error messages.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "of an unknown file type"
+    }
+}
+
+/// Opens the log for appending, creating it, and refuses anything but a regular file there.
+///
+/// The path is the kubelet's, but what sits at it may have been put there by anyone who can
+/// write the pod's log directory: `O_NOFOLLOW` keeps a symlink from sending the container's
+/// output into whatever host file it names (the open fails with `ELOOP`), and `O_NONBLOCK`
+/// keeps a FIFO from blocking the open until a reader comes (it fails with `ENXIO`, or opens
+/// when there is a reader, and the fstat refuses it). `O_NONBLOCK` is then cleared: it means
+/// nothing for a regular file, and the log must never see short writes.
 fn open_log(path: &Path) -> Result<File, ShimError> {
-    OpenOptions::new()
+    let io = |action| move |source| ShimError::Io { action, path: path.to_owned(), source };
+    // A look first, so that a device node there is never opened (opening some has side
+    // effects); the flags and the fstat below cover what is swapped in meanwhile.
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && !meta.file_type().is_file()
+    {
+        return Err(not_regular(path, meta.file_type()));
+    }
+    let file = match OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-        .map_err(|source| ShimError::Io { action: "open log file", path: path.to_owned(), source })
+    {
+        Ok(file) => file,
+        Err(source) => {
+            // ELOOP, ENXIO, EISDIR and the like: say what is there rather than the errno.
+            if let Ok(meta) = std::fs::symlink_metadata(path)
+                && !meta.file_type().is_file()
+            {
+                return Err(not_regular(path, meta.file_type()));
+            }
+            return Err(io("open log file")(source));
+        }
+    };
+    let meta = file.metadata().map_err(io("stat log file"))?;
+    if !meta.file_type().is_file() {
+        return Err(not_regular(path, meta.file_type()));
+    }
+    let sys = |source| ShimError::Sys { call: "fcntl on the log file", source };
+    let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL).map_err(sys)?;
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(sys)?;
+    Ok(file)
+}
+
+fn not_regular(path: &Path, t: std::fs::FileType) -> ShimError {
+    ShimError::LogNotRegular { path: path.to_owned(), kind: file_kind(t).to_string() }
 }
 
 impl LogWriter {
-    /// Opens (creating) `path` for appending; creates its directory if missing.
+    /// Opens (creating) `path` for appending; creates its directory if missing. Refuses a
+    /// path holding anything but a regular file (a symlink, a FIFO, a directory), without
+    /// blocking.
     pub fn open(path: &Path) -> Result<Self, ShimError> {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
@@ -226,7 +288,8 @@ impl LogWriter {
         Ok(LogWriter { path: path.to_owned(), file: Mutex::new(open_log(path)?) })
     }
 
-    /// Reopens the file at the same path (the kubelet rotated it away).
+    /// Reopens the file at the same path (the kubelet rotated it away), with the checks of
+    /// [`LogWriter::open`]; on refusal the old file stays in use.
     pub fn reopen(&self) -> Result<(), ShimError> {
         let new = open_log(&self.path)?;
         *self.file.lock().unwrap_or_else(|e| e.into_inner()) = new;
@@ -478,5 +541,49 @@ mod tests {
         assert!(new.ends_with(" stderr F two\n"), "{new}");
         let old = std::fs::read_to_string(dir.path().join("rotated.log")).unwrap();
         assert!(old.ends_with(" stdout F one\n"), "{old}");
+    }
+
+    #[test]
+    fn writer_refuses_what_is_not_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let host_file = dir.path().join("host-file");
+        std::fs::write(&host_file, "precious\n").unwrap();
+        let fifo = dir.path().join("fifo.log");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&host_file, &link).unwrap();
+        let subdir = dir.path().join("dir.log");
+        std::fs::create_dir(&subdir).unwrap();
+
+        let kind = |path: &Path| match LogWriter::open(path) {
+            Err(ShimError::LogNotRegular { kind, .. }) => kind,
+            other => panic!("{}: {other:?}", path.display()),
+        };
+        // No reader: a blocking open would wait here forever.
+        assert_eq!(kind(&fifo), "a FIFO");
+        assert_eq!(kind(&link), "a symbolic link");
+        assert_eq!(kind(&subdir), "a directory");
+        // A FIFO with a reader opens, and is refused all the same.
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        assert_eq!(kind(&fifo), "a FIFO");
+
+        // Reopen after a hostile swap: refused, the old file stays in use.
+        let path = dir.path().join("0.log");
+        let w = LogWriter::open(&path).unwrap();
+        std::fs::rename(&path, dir.path().join("rotated.log")).unwrap();
+        std::os::unix::fs::symlink(&host_file, &path).unwrap();
+        assert!(matches!(w.reopen(), Err(ShimError::LogNotRegular { .. })));
+        w.write_record(Stream::Stdout, Tag::Full, b"still here");
+        assert_eq!(std::fs::read_to_string(&host_file).unwrap(), "precious\n");
+        let old = std::fs::read_to_string(dir.path().join("rotated.log")).unwrap();
+        assert!(old.ends_with(" stdout F still here\n"), "{old}");
+        // The writer's file is blocking again: O_NONBLOCK was only for the open.
+        let file = w.file.lock().unwrap();
+        let flags = nix::fcntl::fcntl(&*file, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
     }
 }

@@ -576,3 +576,24 @@ fn alive(pid: u32) -> bool {
         .map(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
         .unwrap_or(false)
 }
+
+#[tokio::test]
+async fn unusable_log_file_fails_create_and_leaves_no_state() {
+    if !available() {
+        return;
+    }
+    let f = fixture("fifolog", &["/bin/true"], None);
+    std::fs::create_dir_all(f.log_path().parent().unwrap()).unwrap();
+    nix::unistd::mkfifo(&f.log_path(), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // Bounded: before the fix the open blocked until a reader came.
+    let err = tokio::time::timeout(Duration::from_secs(10), f.shim.create(f.task()))
+        .await
+        .expect("create did not block")
+        .expect_err("a FIFO as log file");
+    assert!(matches!(err, ShimError::LogNotRegular { .. }), "{err}");
+    assert!(!f.dir.path().join("state").join(&f.id).exists(), "task dir left behind");
+    // The id is free again.
+    std::fs::remove_file(f.log_path()).unwrap();
+    f.shim.create(f.task()).await.expect("create after the log was fixed");
+    f.shim.delete(&f.id).await.unwrap();
+}

@@ -223,6 +223,11 @@ pub fn error_msg(e: &ShimError) -> proto::Error {
             Code::BadRequest
         }
         ShimError::ShimBusy { .. } => Code::Busy,
+        ShimError::LogNotRegular { path, kind } => {
+            m.path = path.to_string_lossy().into_owned();
+            m.kind = kind.clone();
+            Code::LogNotRegular
+        }
         _ => Code::Internal,
     };
     m.code = code as i32;
@@ -251,6 +256,7 @@ pub fn error_from(m: proto::Error, pod_id: &str) -> ShimError {
         Code::NotRunning => ShimError::NotRunning { id },
         Code::TtyNotSupported => ShimError::TtyNotSupported { id },
         Code::Busy => ShimError::ShimBusy { pod_id: pod_id.to_owned() },
+        Code::LogNotRegular => ShimError::LogNotRegular { path: m.path.into(), kind: m.kind },
         Code::BadRequest | Code::Internal | Code::Unspecified => {
             ShimError::Remote { id, message: m.message }
         }
@@ -347,6 +353,10 @@ mod tests {
         );
         let back = error_from(error_msg(&ShimError::NotRunning { id: "c".into() }), "pod");
         assert!(matches!(back, ShimError::NotRunning { id } if id == "c"));
+        let log = ShimError::LogNotRegular { path: "/l/0.log".into(), kind: "a FIFO".into() };
+        let back = error_from(error_msg(&log), "pod");
+        assert_eq!(back.to_string(), log.to_string());
+        assert!(matches!(back, ShimError::LogNotRegular { .. }));
         let io = ShimError::Pipe { action: "x", source: std::io::Error::other("y") };
         let back = error_from(error_msg(&io), "pod");
         assert!(matches!(back, ShimError::Remote { message, .. } if message == "x: y"));
