@@ -11,6 +11,7 @@ pub(crate) fn image_status(err: ImageError) -> Status {
         ErrorClass::Unauthenticated => Code::Unauthenticated,
         ErrorClass::Unavailable => Code::Unavailable,
         ErrorClass::DataLoss => Code::DataLoss,
+        ErrorClass::FailedPrecondition => Code::FailedPrecondition,
         ErrorClass::Internal => Code::Internal,
     };
     Status::new(code, error_chain(&err))
