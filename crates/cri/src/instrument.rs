@@ -117,8 +117,10 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let method = request.uri().path().to_string();
         let ready = self.readiness.is_ready();
-        let deadline = grpc_timeout(request.headers())
-            .map(|t| tokio::time::Instant::now() + t.saturating_sub(DEADLINE_MARGIN));
+        // A deadline too far to represent is no deadline (never a panic).
+        let deadline = grpc_timeout(request.headers()).and_then(|t| {
+            tokio::time::Instant::now().checked_add(t.saturating_sub(DEADLINE_MARGIN))
+        });
         Box::pin(async move {
             let metrics = berth_metrics::metrics();
             metrics.cri_requests.with_label_values(&[method.as_str()]).inc();

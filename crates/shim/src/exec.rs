@@ -154,7 +154,9 @@ pub(crate) async fn exec_sync_json(
     let display = display_command(&cmd);
     let reaper = Reaper::global()?;
     let before = Instant::now();
-    let deadline = timeout.map(|t| before + t);
+    // The timeout comes from the request (seconds up to i64::MAX): one past what `Instant`
+    // can hold is as good as none, and must not panic.
+    let deadline = timeout.and_then(|t| before.checked_add(t));
     let child = spawn(&mut cmd)
         .map_err(|source| ShimError::Spawn { program: runtime.binary().to_owned(), source })?;
     // Drop our copies of the write ends, or we would never see EOF.
