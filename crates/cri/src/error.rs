@@ -47,6 +47,8 @@ pub(crate) fn runtime_status(err: berth_runtime::RuntimeError) -> Status {
         ErrorClass::FailedPrecondition => Code::FailedPrecondition,
         ErrorClass::DeadlineExceeded => Code::DeadlineExceeded,
         ErrorClass::Unimplemented => Code::Unimplemented,
+        ErrorClass::ResourceExhausted => Code::ResourceExhausted,
+        ErrorClass::Unknown => Code::Unknown,
         ErrorClass::Internal => Code::Internal,
     };
     Status::new(code, error_chain(&err))

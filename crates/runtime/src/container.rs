@@ -178,6 +178,9 @@ impl<S: Shim + 'static> Runtime<S> {
             .find_sandbox(&req.pod_sandbox_id)
             .ok_or_else(|| RuntimeError::SandboxNotFound(req.pod_sandbox_id.clone()))?;
         berth_oci::validate_container_config(&config).map_err(RuntimeError::ContainerConfig)?;
+        if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+            cgroups::check_cpuset_online(r)?;
+        }
         let image = self
             .images
             .get(&image_name)
