@@ -83,6 +83,12 @@ async fn exec_sync_survives_huge_timeouts_missing_binaries_and_floods() -> Resul
     );
     ensure!(out.exit_code == 0, "{}", out.exit_code);
 
+    // StopContainer's timeout is a request value too.
+    env.rt
+        .stop_container(StopContainerRequest { container_id: ctr.clone(), timeout: i64::MAX })
+        .await?;
+    ensure!(env.status(&ctr).await?.state == ContainerState::ContainerExited as i32);
+
     still_serving(&env.d).await?;
     env.remove_pod(&pod).await
 }
