@@ -9,6 +9,7 @@ use berth_image::{ImageConfig, ImageStore, RegistryConfig};
 use berth_runtime::{Runtime, RuntimeConfig};
 use berth_shim::{AnyShim, EmbeddedShim, ExternalShim};
 use berth_snapshot::Snapshotter;
+use futures::TryStreamExt;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -164,7 +165,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     {
         let (runtime, readiness) = (runtime.clone(), readiness.clone());
         tokio::spawn(async move {
-            match runtime.recover().await {
+            // Which handlers can run containers here is known before the first Status.
+            let (recovered, ()) = tokio::join!(runtime.recover(), runtime.probe_handlers());
+            match recovered {
                 Ok(report) => tracing::info!(?report, "state recovered; serving CRI calls"),
                 Err(e) => tracing::error!(error = %e, "recovery failed; serving what was loaded"),
             }
@@ -176,10 +179,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .layer(InstrumentLayer::new(readiness))
         .add_service(runtime_service)
         .add_service(image_service)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            shutdown_signal().await;
-            let _ = stop_tx.send(true);
-        });
+        .serve_with_incoming_shutdown(
+            // grpc-core and grpc-java clients send an authority h2 refuses: see `authority`.
+            UnixListenerStream::new(listener).map_ok(crate::authority::AuthorityFix::new),
+            async move {
+                shutdown_signal().await;
+                let _ = stop_tx.send(true);
+            },
+        );
     let result = server.await.context("CRI server failed");
     // Pod links still being deleted in the background: let them finish, so the addresses
     // are released now rather than by the next start's repair.

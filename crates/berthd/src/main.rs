@@ -1,6 +1,7 @@
 //! berthd: the berth daemon. Reads the config, takes the root lock, opens the stores, and serves
 //! the CRI over a unix socket and Prometheus metrics over HTTP until SIGTERM or SIGINT.
 
+mod authority;
 mod config;
 mod daemon;
 mod lock;

@@ -11,6 +11,7 @@ pub(crate) fn image_status(err: ImageError) -> Status {
         ErrorClass::Unauthenticated => Code::Unauthenticated,
         ErrorClass::Unavailable => Code::Unavailable,
         ErrorClass::DataLoss => Code::DataLoss,
+        ErrorClass::FailedPrecondition => Code::FailedPrecondition,
         ErrorClass::Internal => Code::Internal,
     };
     Status::new(code, error_chain(&err))
@@ -46,6 +47,8 @@ pub(crate) fn runtime_status(err: berth_runtime::RuntimeError) -> Status {
         ErrorClass::FailedPrecondition => Code::FailedPrecondition,
         ErrorClass::DeadlineExceeded => Code::DeadlineExceeded,
         ErrorClass::Unimplemented => Code::Unimplemented,
+        ErrorClass::ResourceExhausted => Code::ResourceExhausted,
+        ErrorClass::Unknown => Code::Unknown,
         ErrorClass::Internal => Code::Internal,
     };
     Status::new(code, error_chain(&err))

@@ -1,7 +1,9 @@
 //! The one instrumentation layer every CRI call passes through: it refuses calls until the
 //! daemon has finished recovering its state, opens the tracing span (handlers record
-//! `pod_id`/`container_id` into it), records the per-method Prometheus metrics, and ends a
-//! call whose client deadline (`grpc-timeout`) passes with `DeadlineExceeded`.
+//! `pod_id`/`container_id` into it), records the per-method Prometheus metrics, ends a
+//! call whose client deadline (`grpc-timeout`) passes with `DeadlineExceeded`, and makes
+//! every error fit to send ([`fit_error`]): its message bounded, an undecodable request
+//! `InvalidArgument`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -85,6 +87,52 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
+/// Most bytes of an error message sent back. Messages echo input (a megabyte image name,
+/// the OCI runtime's output) and travel in the `grpc-message` header, percent-encoded (up
+/// to 3 bytes per byte); grpc-core clients refuse header lists above 8 KiB (16 KiB at
+/// most), and then see a broken stream instead of the error.
+pub const MAX_MESSAGE: usize = 2048;
+
+/// What prost's decode errors start with (tonic answers them `Internal`).
+const DECODE_ERROR: &str = "failed to decode Protobuf message";
+
+/// `message`, cut in the middle when longer than `max` bytes: its start says what failed,
+/// its end usually why (the cause comes last in an error chain).
+pub fn bounded_message(message: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if message.len() <= max {
+        return message.into();
+    }
+    let keep = max.saturating_sub(48) / 2;
+    let mut head = keep;
+    while !message.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = message.len() - keep;
+    while !message.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{} … [{} bytes cut] … {}", &message[..head], tail - head, &message[tail..]).into()
+}
+
+/// An error response made fit to send: a message longer than [`MAX_MESSAGE`] is cut, and a
+/// request that did not decode is `InvalidArgument` (the client's fault; tonic says
+/// `Internal`, as grpc-go does). Every error status tonic or a handler makes goes through
+/// `Status::into_http`, which leaves the status in the response's extensions.
+fn fit_error(response: http::Response<Body>) -> http::Response<Body> {
+    let Some(status) = response.extensions().get::<tonic::Status>() else { return response };
+    let code = match status.code() {
+        tonic::Code::Internal if status.message().starts_with(DECODE_ERROR) => {
+            tonic::Code::InvalidArgument
+        }
+        code => code,
+    };
+    let message = bounded_message(status.message(), MAX_MESSAGE);
+    if code == status.code() && message.len() == status.message().len() {
+        return response;
+    }
+    tonic::Status::new(code, message.into_owned()).into_http()
+}
+
 /// The gRPC status code of a response: trailers-only errors carry it in the headers; a
 /// response without it there succeeded at least as far as its headers.
 fn grpc_code(response: &http::Response<Body>) -> tonic::Code {
@@ -117,8 +165,10 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let method = request.uri().path().to_string();
         let ready = self.readiness.is_ready();
-        let deadline = grpc_timeout(request.headers())
-            .map(|t| tokio::time::Instant::now() + t.saturating_sub(DEADLINE_MARGIN));
+        // A deadline too far to represent is no deadline (never a panic).
+        let deadline = grpc_timeout(request.headers()).and_then(|t| {
+            tokio::time::Instant::now().checked_add(t.saturating_sub(DEADLINE_MARGIN))
+        });
         Box::pin(async move {
             let metrics = berth_metrics::metrics();
             metrics.cri_requests.with_label_values(&[method.as_str()]).inc();
@@ -145,6 +195,7 @@ where
                 tonic::Status::unavailable("berthd is still recovering its state; retry shortly")
                     .into_http()
             };
+            let response = fit_error(response);
             let elapsed = start.elapsed();
             metrics
                 .cri_duration
@@ -191,6 +242,50 @@ mod tests {
             assert_eq!(grpc_timeout(&headers(bad)), None, "{bad:?}");
         }
         assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn long_messages_keep_their_start_and_end() {
+        assert_eq!(bounded_message("short", 100), "short");
+        let long = format!("invalid image reference \"{}\": port too big", "a".repeat(1 << 20));
+        let cut = bounded_message(&long, MAX_MESSAGE);
+        assert!(cut.len() <= MAX_MESSAGE, "{}", cut.len());
+        assert!(cut.starts_with("invalid image reference"));
+        assert!(cut.ends_with("port too big"));
+        assert!(cut.contains("bytes cut"));
+        // Never inside a character.
+        let wide = "é".repeat(5000);
+        assert!(bounded_message(&wide, 101).len() <= 101);
+    }
+
+    #[test]
+    fn errors_are_fitted() {
+        let huge = tonic::Status::not_found("x".repeat(1 << 20)).into_http::<Body>();
+        let fitted = fit_error(huge);
+        assert_eq!(grpc_code(&fitted), tonic::Code::NotFound);
+        let header = fitted.headers().get("grpc-message").unwrap();
+        assert!(header.len() <= 3 * MAX_MESSAGE, "{}", header.len());
+
+        let decode = tonic::Status::internal(format!("{DECODE_ERROR}: invalid wire type"));
+        let fitted = fit_error(decode.into_http::<Body>());
+        assert_eq!(grpc_code(&fitted), tonic::Code::InvalidArgument);
+        assert_eq!(
+            fitted.extensions().get::<tonic::Status>().map(|s| s.message().to_owned()),
+            Some(format!("{DECODE_ERROR}: invalid wire type"))
+        );
+
+        let internal = tonic::Status::internal("disk on fire").into_http::<Body>();
+        assert_eq!(grpc_code(&fit_error(internal)), tonic::Code::Internal);
+        let ok = http::Response::new(Body::empty());
+        assert_eq!(grpc_code(&fit_error(ok)), tonic::Code::Ok);
+    }
+
+    /// prost's wording is what `fit_error` recognises.
+    #[test]
+    fn prost_decode_errors_start_as_expected() {
+        use prost::Message as _;
+        let err = k8s_cri::v1::VersionRequest::decode(&b"\x0a\xff"[..]).unwrap_err();
+        assert!(err.to_string().starts_with(DECODE_ERROR), "{err}");
     }
 
     /// A call that outlives the client's `grpc-timeout` is answered `DeadlineExceeded`; one

@@ -24,6 +24,15 @@ pub enum ImageError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The request's registry credentials cannot be used (they would not fit an HTTP
+    /// header). The value is never echoed.
+    #[error("invalid {field}: {reason}")]
+    InvalidCredentials {
+        /// The CRI field, e.g. `auth.registry_token`.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// The registry has no such manifest or blob (HTTP 404, `MANIFEST_UNKNOWN`, ...).
     #[error("image {reference}: {what} not found")]
     NotFound {
@@ -219,6 +228,8 @@ pub enum ErrorClass {
     Unavailable,
     /// Content arrived corrupted.
     DataLoss,
+    /// The image exists but berth refuses its content (a hostile layer).
+    FailedPrecondition,
     /// Anything else.
     Internal,
 }
@@ -227,7 +238,9 @@ impl ImageError {
     /// The class of this error; `crates/cri` maps it to the gRPC status code.
     pub fn grpc_class(&self) -> ErrorClass {
         match self {
-            Self::InvalidReference { .. } => ErrorClass::InvalidArgument,
+            Self::InvalidReference { .. } | Self::InvalidCredentials { .. } => {
+                ErrorClass::InvalidArgument
+            }
             Self::NotFound { .. } => ErrorClass::NotFound,
             Self::Unauthorized { .. } => ErrorClass::Unauthenticated,
             Self::Unreachable { .. } | Self::Truncated { .. } => ErrorClass::Unavailable,
@@ -236,6 +249,24 @@ impl ImageError {
                 ErrorClass::Unavailable
             }
             Self::DigestMismatch { .. } | Self::SizeMismatch { .. } => ErrorClass::DataLoss,
+            // A layer berth refuses to unpack (an escape attempt, a device node, an entry
+            // type it cannot apply): the image as published is unusable, whoever asks.
+            // containerd answers Unknown (a plain error); retrying cannot help until the
+            // image changes, which is what FailedPrecondition says.
+            Self::Unpack { source, .. }
+                if matches!(
+                    **source,
+                    SnapshotError::UnsafeEntry { .. } | SnapshotError::UnsupportedEntry { .. }
+                ) =>
+            {
+                ErrorClass::FailedPrecondition
+            }
+            // The uncompressed layer is not what the config's diff ID promised.
+            Self::Unpack { source, .. }
+                if matches!(**source, SnapshotError::DigestMismatch { .. }) =>
+            {
+                ErrorClass::DataLoss
+            }
             Self::UnsupportedMediaType { .. }
             | Self::NoMatchingPlatform { .. }
             | Self::InvalidManifest { .. }
@@ -308,6 +339,26 @@ mod tests {
                 .grpc_class(),
             ErrorClass::DataLoss
         );
+    }
+
+    #[test]
+    fn refused_layers_are_failed_precondition_and_bad_layers_data_loss() {
+        let unpack = |source: SnapshotError| ImageError::Unpack {
+            reference: "r".into(),
+            digest: "d".into(),
+            source: Arc::new(source),
+        };
+        let escape = SnapshotError::UnsafeEntry {
+            entry: "../x".into(),
+            reason: berth_snapshot::UnsafeReason::ParentDirEscape,
+        };
+        assert_eq!(unpack(escape).grpc_class(), ErrorClass::FailedPrecondition);
+        let sparse = SnapshotError::UnsupportedEntry { entry: "s".into(), kind: 'S' };
+        assert_eq!(unpack(sparse).grpc_class(), ErrorClass::FailedPrecondition);
+        let diff = SnapshotError::DigestMismatch { expected: "a".into(), actual: "b".into() };
+        assert_eq!(unpack(diff).grpc_class(), ErrorClass::DataLoss);
+        let io = SnapshotError::ReadLayer { blob: "b".into(), source: std::io::Error::other("x") };
+        assert_eq!(unpack(io).grpc_class(), ErrorClass::Internal);
     }
 
     #[test]

@@ -58,6 +58,40 @@ pub enum Credentials {
     RegistryToken(String),
 }
 
+impl Credentials {
+    /// Checks that the credentials can be sent in an HTTP header at all. oci-client puts
+    /// tokens into an `Authorization` header with `unwrap()`, so a control character (a
+    /// newline, a NUL) in one would panic inside it; a `:` in a user name cannot survive
+    /// HTTP Basic. The message names the field, never its value.
+    pub fn validate(&self) -> Result<(), ImageError> {
+        let invalid = |field: &'static str, reason: &'static str| {
+            Err(ImageError::InvalidCredentials { field, reason })
+        };
+        let has_control = |s: &str| s.chars().any(|c| c.is_ascii_control());
+        match self {
+            Credentials::Basic { username, password } => {
+                if has_control(username) {
+                    return invalid("auth.username", "contains a control character");
+                }
+                if username.contains(':') {
+                    return invalid("auth.username", "contains ':', which HTTP Basic cannot carry");
+                }
+                if has_control(password) {
+                    return invalid("auth.password", "contains a control character");
+                }
+            }
+            Credentials::IdentityToken(token) if has_control(token) => {
+                return invalid("auth.identity_token", "contains a control character");
+            }
+            Credentials::RegistryToken(token) if has_control(token) => {
+                return invalid("auth.registry_token", "contains a control character");
+            }
+            Credentials::IdentityToken(_) | Credentials::RegistryToken(_) => {}
+        }
+        Ok(())
+    }
+}
+
 /// Registry settings from `berth.toml`.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryConfig {
@@ -283,4 +317,31 @@ pub struct FsUsage {
     pub bytes: u64,
     /// Inodes used.
     pub inodes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_that_cannot_be_a_header_are_refused_by_field() {
+        let basic =
+            |u: &str, p: &str| Credentials::Basic { username: u.into(), password: p.into() };
+        assert!(basic("user", "pa ss:wörd").validate().is_ok());
+        assert!(Credentials::RegistryToken("eyJhbGciOi.x-y_z+/=".into()).validate().is_ok());
+        let field = |c: Credentials| match c.validate() {
+            Err(ImageError::InvalidCredentials { field, .. }) => field,
+            other => panic!("{c:?}: {other:?}"),
+        };
+        assert_eq!(field(basic("us\ner", "p")), "auth.username");
+        assert_eq!(field(basic("us:er", "p")), "auth.username");
+        assert_eq!(field(basic("user", "p\0")), "auth.password");
+        assert_eq!(field(Credentials::RegistryToken("a\nb".into())), "auth.registry_token");
+        assert_eq!(field(Credentials::IdentityToken("a\rb".into())), "auth.identity_token");
+        assert_eq!(field(Credentials::IdentityToken("\x7f".into())), "auth.identity_token");
+        // The secret itself is never part of the message.
+        let e = Credentials::RegistryToken("secret\n".into()).validate().unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert_eq!(e.grpc_class(), ErrorClass::InvalidArgument);
+    }
 }

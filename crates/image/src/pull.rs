@@ -80,6 +80,9 @@ pub(crate) async fn pull_shared(
     credentials: Option<Credentials>,
 ) -> PullResult {
     let image = ImageReference::parse(reference)?;
+    if let Some(credentials) = &credentials {
+        credentials.validate()?;
+    }
     let key = PullKey { reference: image.to_string(), credentials: credentials.clone() };
     let (shared, joined) = {
         let mut pulls = inner.pulls.lock().unwrap_or_else(PoisonError::into_inner);

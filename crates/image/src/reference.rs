@@ -209,10 +209,15 @@ pub(crate) fn validate_domain(domain: &str) -> Result<(), String> {
             None => (Some(domain), None),
         }
     };
+    // A TCP port: 1..=65535. The grammar allows any digits, but the HTTP client cannot
+    // address more (it failed with "could not clone request builder").
     if let Some(port) = port
-        && (port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.len() > 5)
+        && (port.is_empty()
+            || port.len() > 5
+            || !port.bytes().all(|b| b.is_ascii_digit())
+            || !port.parse::<u16>().is_ok_and(|p| p > 0))
     {
-        return Err(format!("domain {domain:?} has an invalid port"));
+        return Err(format!("domain {domain:?} has an invalid port (want 1-65535)"));
     }
     if let Some(host) = host {
         let valid_component = |c: &str| {
@@ -402,6 +407,13 @@ mod tests {
         assert!(bad("x//y").contains("empty"));
         assert!(bad("host:port/x").contains("port"));
         assert!(bad("host:/x").contains("port"));
+        assert!(bad("host:65536/x").contains("port"));
+        assert!(bad("host:99999/x").contains("port"));
+        assert!(bad("host:0/x").contains("port"));
+        assert!(bad("host:000000000080/x").contains("port"));
+        assert_eq!(norm("host.example:65535/x"), "host.example:65535/x:latest");
+        assert_eq!(norm("[::1]:1/x"), "[::1]:1/x:latest");
+        assert!(bad("[::1]:70000/x").contains("port"));
         assert!(bad("-host.com/x").contains("host name"));
         assert!(bad("ho_st.com/x").contains("host name"));
         assert!(bad("[::1/x").contains("unclosed"));

@@ -216,13 +216,26 @@ pub enum SpecError {
         source: serde_json::Error,
     },
 
-    /// A resource value is out of range (e.g. negative shares).
-    #[error("resources.{field} {value} is out of range")]
+    /// A resource value is out of the range the kernel (or the OCI runtime) accepts.
+    #[error("resources.{field} {value} is out of range: {allowed}")]
     InvalidResource {
         /// The CRI field.
         field: &'static str,
         /// The value given.
         value: i64,
+        /// What is accepted, in words.
+        allowed: &'static str,
+    },
+    /// A resource value that is not a number (a CPU list, a page size, a unified key) is
+    /// malformed or names what this node does not have.
+    #[error("resources.{field} {value}: {reason}")]
+    InvalidResourceText {
+        /// The CRI field.
+        field: &'static str,
+        /// The value given, quoted (shortened when long).
+        value: String,
+        /// What is wrong with it.
+        reason: String,
     },
     /// `resources.unified` was set on a cgroup v1 host, where runc would refuse it.
     #[error("resources.unified key {key:?} needs cgroup v2, but the host runs cgroup v1")]

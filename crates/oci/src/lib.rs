@@ -292,6 +292,11 @@ pub fn validate_container_config(config: &ContainerConfig) -> Result<(), SpecErr
     checks::check_envs(&config.envs)?;
     checks::check_working_dir(&config.working_dir)?;
     checks::check_argv(&config.command, &config.args)?;
+    // Before any work is done for the container: out-of-range limits would only fail in
+    // the OCI runtime, with its words and the host's cgroup paths.
+    if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+        resources::validate(r)?;
+    }
     for m in &config.mounts {
         mounts::check_cri_mount(m)?;
     }

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use berth_oci::{Controller, HostCgroups};
+use k8s_cri::v1::LinuxContainerResources;
 use oci_spec::runtime::LinuxResources;
+
+use crate::error::{Result, RuntimeError};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -137,9 +140,69 @@ pub fn remove(cgroups_path: &str) {
     }
 }
 
+/// Where the kernel lists the online CPUs and memory nodes.
+const ONLINE_CPUS: &str = "/sys/devices/system/cpu/online";
+const ONLINE_NODES: &str = "/sys/devices/system/node/online";
+
+/// Checks that the CPUs and memory nodes `r` pins the container to are online on this node:
+/// the kernel refuses others (ERANGE, EINVAL) deep inside the OCI runtime. `r` has passed
+/// `berth_oci::resources::validate`. A host whose lists cannot be read is not checked.
+pub(crate) fn check_cpuset_online(r: &LinuxContainerResources) -> Result<()> {
+    let lists = [
+        ("resources.cpuset_cpus", &r.cpuset_cpus, ONLINE_CPUS, "CPU"),
+        ("resources.cpuset_mems", &r.cpuset_mems, ONLINE_NODES, "memory node"),
+    ];
+    for (field, wanted, online_file, what) in lists {
+        if wanted.is_empty() {
+            continue;
+        }
+        let Ok(online) = std::fs::read_to_string(online_file) else { continue };
+        if let Some(reason) = not_online(wanted, online.trim(), what) {
+            return Err(RuntimeError::Invalid { field, reason });
+        }
+    }
+    Ok(())
+}
+
+/// Why `wanted` (a kernel list) names something outside `online` (another), if it does.
+fn not_online(wanted: &str, online: &str, what: &str) -> Option<String> {
+    let online = berth_oci::resources::parse_cpu_list(online, u32::MAX).ok()?;
+    let wanted = berth_oci::resources::parse_cpu_list(wanted, u32::MAX).ok()?;
+    for (first, last) in wanted {
+        // Ranges are short (CPU numbers): walking them is cheap.
+        for n in first..=last {
+            if !online.iter().any(|(a, b)| (*a..=*b).contains(&n)) {
+                let list: Vec<String> = online
+                    .iter()
+                    .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+                    .collect();
+                return Some(format!(
+                    "{what} {n} is not online on this node (online: {})",
+                    list.join(",")
+                ));
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpusets_must_be_online() {
+        assert_eq!(not_online("0-1", "0-1", "CPU"), None);
+        assert_eq!(not_online("1,3", "0-3", "CPU"), None);
+        assert_eq!(
+            not_online("0-5", "0-1,4-7", "CPU").as_deref(),
+            Some("CPU 2 is not online on this node (online: 0-1,4-7)")
+        );
+        assert_eq!(
+            not_online("1", "0", "memory node").as_deref(),
+            Some("memory node 1 is not online on this node (online: 0)")
+        );
+    }
 
     #[test]
     fn memory_dirs() {

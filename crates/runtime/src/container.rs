@@ -181,6 +181,9 @@ impl<S: Shim + 'static> Runtime<S> {
         // The log path within the pod's directory, checked before anything is made.
         berth_oci::container_log_path(&sandbox.meta.config.log_directory, &config.log_path)
             .map_err(RuntimeError::ContainerConfig)?;
+        if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+            cgroups::check_cpuset_online(r)?;
+        }
         let image = self
             .images
             .get(&image_name)

@@ -24,6 +24,11 @@ pub enum ErrorClass {
     DeadlineExceeded,
     /// Asked for something berth does not do (yet).
     Unimplemented,
+    /// A resource of the node ran out (the pod subnet has no free address).
+    ResourceExhausted,
+    /// Something outside berth refused, without saying more (the OCI runtime could not
+    /// start an exec's process; containerd answers this as Unknown too).
+    Unknown,
     /// Our fault or the system's.
     Internal,
 }
@@ -54,6 +59,9 @@ pub enum RuntimeError {
     /// The container config (or the spec built from it) was refused.
     #[error("invalid container config")]
     ContainerConfig(#[source] SpecError),
+    /// UpdateContainerResources' resources were refused.
+    #[error("invalid resources")]
+    Resources(#[source] SpecError),
     /// The name is reserved by another pod or container.
     #[error("name {name:?} is reserved for {holder}")]
     NameReserved {
@@ -91,6 +99,18 @@ pub enum RuntimeError {
         command: Vec<String>,
         /// The timeout.
         after: Duration,
+    },
+    /// The OCI runtime could not start an exec's process (no such executable, permission
+    /// denied, a bad working directory). The message is the runtime's own reason, without
+    /// the runtime's command line.
+    #[error("cannot run {command:?} in container {id}: {reason}")]
+    ExecFailed {
+        /// Container id.
+        id: String,
+        /// The command.
+        command: Vec<String>,
+        /// The runtime's error message.
+        reason: String,
     },
     /// Looking up the image failed.
     #[error("image store")]
@@ -205,9 +225,12 @@ impl RuntimeError {
     pub fn class(&self) -> ErrorClass {
         use RuntimeError::*;
         match self {
-            Missing(_) | Invalid { .. } | UnknownHandler(_) | Sysctls(_) | PodConfig(_) => {
-                ErrorClass::InvalidArgument
-            }
+            Missing(_)
+            | Invalid { .. }
+            | UnknownHandler(_)
+            | Sysctls(_)
+            | PodConfig(_)
+            | Resources(_) => ErrorClass::InvalidArgument,
             ContainerConfig(e) => match e {
                 SpecError::ReadRootfsFile { .. } => ErrorClass::Internal,
                 _ => ErrorClass::InvalidArgument,
@@ -216,12 +239,18 @@ impl RuntimeError {
             SandboxNotFound(_) | ContainerNotFound(_) | ImageNotFound(_) => ErrorClass::NotFound,
             SandboxNotReady(_) | WrongState { .. } => ErrorClass::FailedPrecondition,
             ExecTimeout { .. } => ErrorClass::DeadlineExceeded,
+            ExecFailed { .. } => ErrorClass::Unknown,
             Shim(ShimError::NotRunning { .. }) => ErrorClass::FailedPrecondition,
             Shim(ShimError::TtyNotSupported { .. }) => ErrorClass::Unimplemented,
             // The node's log directory holds a symlink, FIFO or directory where the log goes:
             // nothing the request can fix, and nothing berth may write through.
             Shim(ShimError::LogNotRegular { .. }) => ErrorClass::FailedPrecondition,
             Net(NetError::InvalidHostname(_)) => ErrorClass::InvalidArgument,
+            Network { source, .. }
+                if matches!(**source, berth_net::NetworkError::Exhausted { .. }) =>
+            {
+                ErrorClass::ResourceExhausted
+            }
             PodCidr { source, .. }
                 if matches!(**source, berth_net::NetworkError::InvalidSubnet { .. }) =>
             {
@@ -260,3 +289,37 @@ impl RuntimeError {
 
 /// Results of the runtime.
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exhausted_pool_and_a_refused_exec_have_their_own_classes() {
+        let exhausted = RuntimeError::Network {
+            pod_id: "p".into(),
+            action: "set up",
+            source: Box::new(berth_net::NetworkError::Exhausted {
+                pod_id: "p".into(),
+                subnet: "10.0.0.0/30".into(),
+            }),
+        };
+        assert_eq!(exhausted.class(), ErrorClass::ResourceExhausted);
+        let exec = RuntimeError::ExecFailed {
+            id: "c".into(),
+            command: vec!["nope".into()],
+            reason: "\"nope\": executable file not found in $PATH".into(),
+        };
+        assert_eq!(exec.class(), ErrorClass::Unknown);
+        assert_eq!(
+            exec.to_string(),
+            "cannot run [\"nope\"] in container c: \"nope\": executable file not found in $PATH"
+        );
+        let resources = RuntimeError::Resources(SpecError::InvalidResource {
+            field: "cpu_shares",
+            value: 1,
+            allowed: "2..=262144, or 0 for unset",
+        });
+        assert_eq!(resources.class(), ErrorClass::InvalidArgument);
+    }
+}

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use berth_shim::Shim;
+use berth_shim::{Shim, ShimError};
 use k8s_cri::v1::{ExecSyncResponse, LinuxContainerResources};
 
 use crate::error::{Result, RuntimeError};
@@ -51,11 +51,19 @@ impl<S: Shim + 'static> Runtime<S> {
         let process =
             berth_oci::exec_process(&spec, &cmd, false).map_err(RuntimeError::ContainerConfig)?;
         let after = (timeout > 0).then(|| Duration::from_secs(timeout as u64));
-        let out = self
-            .shim
-            .exec_sync(&entry.meta.id, process, after)
-            .await
-            .map_err(RuntimeError::Shim)?;
+        let out = match self.shim.exec_sync(&entry.meta.id, process, after).await {
+            Ok(out) => out,
+            // The runtime refused to start the process: say why in its words, not with its
+            // command line and state paths.
+            Err(ShimError::RuntimeFailed { stderr, .. }) => {
+                return Err(RuntimeError::ExecFailed {
+                    id: entry.meta.id.clone(),
+                    command: cmd,
+                    reason: exec_failure_reason(&stderr),
+                });
+            }
+            Err(e) => return Err(RuntimeError::Shim(e)),
+        };
         if out.timed_out {
             return Err(RuntimeError::ExecTimeout {
                 command: cmd,
@@ -78,13 +86,17 @@ impl<S: Shim + 'static> Runtime<S> {
         resources: Option<LinuxContainerResources>,
     ) -> Result<()> {
         let Some(resources) = resources else { return Ok(()) };
+        // Refused before anything is touched: the OCI runtime would fail on them with its
+        // own words and the host's cgroup paths.
+        berth_oci::resources::validate(&resources).map_err(RuntimeError::Resources)?;
+        crate::cgroups::check_cpuset_online(&resources)?;
         let entry = self
             .find_container(id)
             .ok_or_else(|| RuntimeError::ContainerNotFound(id.to_owned()))?;
         let _op = entry.op.lock().await;
         let status = entry.status();
         let mut oci = berth_oci::resources::resources(&resources, self.cgroup_v2)
-            .map_err(RuntimeError::ContainerConfig)?;
+            .map_err(RuntimeError::Resources)?;
         self.resource_fit.apply(&mut oci, &entry.meta.id);
         match status.state {
             // No task yet: the spec StartContainer runs it with takes the new resources.
@@ -138,6 +150,22 @@ impl<S: Shim + 'static> Runtime<S> {
     }
 }
 
+/// The reason an OCI runtime gives for not starting an exec's process, without the layers
+/// of context runc wraps it in (`exec failed: unable to start container process: exec:
+/// "x": executable file not found in $PATH` becomes `"x": executable file not found in
+/// $PATH`).
+fn exec_failure_reason(message: &str) -> String {
+    let mut reason = message.trim();
+    for prefix in
+        ["runc exec failed:", "exec failed:", "unable to start container process:", "exec:"]
+    {
+        if let Some(rest) = reason.strip_prefix(prefix) {
+            reason = rest.trim_start();
+        }
+    }
+    if reason.is_empty() { message.trim().to_owned() } else { reason.to_owned() }
+}
+
 /// Puts `new` into the bundle's `config.json` as `<runtime> update` would apply it: the
 /// fields it sets replace the spec's, the rest (the device rules) stay.
 fn update_spec_resources(bundle: &Path, new: oci_spec::runtime::LinuxResources) -> Result<()> {
@@ -183,6 +211,18 @@ mod tests {
     use oci_spec::runtime::{LinuxDeviceCgroup, LinuxMemoryBuilder, LinuxResourcesBuilder};
 
     use super::*;
+
+    #[test]
+    fn exec_failure_reasons_lose_runc_context() {
+        assert_eq!(
+            exec_failure_reason(
+                "exec failed: unable to start container process: exec: \"nope\": executable file not found in $PATH"
+            ),
+            "\"nope\": executable file not found in $PATH"
+        );
+        assert_eq!(exec_failure_reason("  something else  "), "something else");
+        assert_eq!(exec_failure_reason("exec:"), "exec:");
+    }
 
     #[test]
     fn merge_keeps_device_rules_and_replaces_what_is_set() {

@@ -19,6 +19,7 @@ mod events;
 mod exec;
 mod filters;
 mod gc_users;
+mod handlers;
 pub mod names;
 mod net_runner;
 mod network;
@@ -191,6 +192,9 @@ pub struct Runtime<S: Shim = AnyShim> {
     /// Bounds the task deletes run in the background after exits: each starts the OCI
     /// runtime binary, and a pod stop can make hundreds at once.
     background_deletes: Arc<tokio::sync::Semaphore>,
+    /// The handlers that ran a probe container ([`Runtime::probe_handlers`]); until the
+    /// probe has run, every configured handler counts.
+    usable_handlers: OnceLock<std::collections::BTreeSet<String>>,
 }
 
 impl<S: Shim + 'static> Runtime<S> {
@@ -228,6 +232,7 @@ impl<S: Shim + 'static> Runtime<S> {
             oom_score_floor: oom_score::floor(),
             network: OnceLock::new(),
             background_deletes: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_DELETES)),
+            usable_handlers: OnceLock::new(),
         });
         runtime.load_records()?;
         runtime.refresh_gauges();
@@ -235,9 +240,16 @@ impl<S: Shim + 'static> Runtime<S> {
         Ok(runtime)
     }
 
-    /// Names of the configured runtime handlers (for `Status`).
+    /// Names of the configured runtime handlers that can run containers here (for
+    /// `Status`; see [`Runtime::probe_handlers`]).
     pub fn handlers(&self) -> Vec<String> {
-        self.config.handlers.keys().cloned().collect()
+        let usable = self.usable_handlers.get();
+        self.config
+            .handlers
+            .keys()
+            .filter(|name| usable.is_none_or(|u| u.contains(*name)))
+            .cloned()
+            .collect()
     }
 
     /// Subscribes to container lifecycle events (`GetContainerEvents`).

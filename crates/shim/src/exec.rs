@@ -2,8 +2,9 @@
 //!
 //! `<runtime> exec --detach --process <json> --pid-file <file> <id>`; the process is then
 //! reparented to us and its exit comes through the reaper. Output is captured up to
-//! [`EXEC_OUTPUT_CAP`] per stream and the rest drained and discarded (a chatty process must
-//! neither block nor make us buffer without bound; cf. containerd CVE-2022-31030).
+//! [`EXEC_OUTPUT_CAP`] for both streams together and the rest drained and discarded (a
+//! chatty process must neither block nor make us buffer without bound; cf. containerd
+//! CVE-2022-31030).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,13 +14,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::pipe::{CappedReader, pipe};
+use crate::pipe::{Capped, CappedReader, pipe};
 use crate::reaper::{Reaper, spawn, wait_or_kill};
 use crate::runtime_cmd::{RUNTIME_TIMEOUT, RuntimeCmd, display_command};
 use crate::{ExecOutput, ShimError};
 
-/// Most bytes of each output stream `exec_sync` keeps (16 MiB, as containerd).
-pub const EXEC_OUTPUT_CAP: usize = 16 << 20;
+/// Most bytes of stdout and stderr together that `exec_sync` keeps: the kubelet receives
+/// gRPC messages of at most 16 MiB, and the `ExecSyncResponse` carries both streams, so
+/// 16 MiB each (containerd's cap per stream) can make an answer it cannot read. 4 KiB are
+/// left for the rest of the message (field tags, lengths, the exit code).
+pub const EXEC_OUTPUT_CAP: usize = (16 << 20) - (4 << 10);
 /// After the process exits, how long to keep reading output that a background child of it
 /// may still be writing.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
@@ -154,7 +158,9 @@ pub(crate) async fn exec_sync_json(
     let display = display_command(&cmd);
     let reaper = Reaper::global()?;
     let before = Instant::now();
-    let deadline = timeout.map(|t| before + t);
+    // The timeout comes from the request (seconds up to i64::MAX): one past what `Instant`
+    // can hold is as good as none, and must not panic.
+    let deadline = timeout.and_then(|t| before.checked_add(t));
     let child = spawn(&mut cmd)
         .map_err(|source| ShimError::Spawn { program: runtime.binary().to_owned(), source })?;
     // Drop our copies of the write ends, or we would never see EOF.
@@ -203,7 +209,8 @@ pub(crate) async fn exec_sync_json(
     if reaped.is_none() {
         reaper.unregister(pid);
     }
-    let (out, err) = tokio::join!(stdout.finish(DRAIN_GRACE), stderr.finish(DRAIN_GRACE));
+    let (mut out, mut err) = tokio::join!(stdout.finish(DRAIN_GRACE), stderr.finish(DRAIN_GRACE));
+    fit_output(&mut out, &mut err, EXEC_OUTPUT_CAP);
     if out.truncated || err.truncated {
         tracing::warn!(
             id,
@@ -221,9 +228,51 @@ pub(crate) async fn exec_sync_json(
     Ok(ExecOutput { stdout: out.data, stderr: err.data, exit_code, timed_out })
 }
 
+/// Cuts `out` and `err` so that together they hold at most `cap` bytes. Each keeps up to
+/// half of it; what one does not need, the other may use (a probe's stderr stays readable
+/// next to a flood on stdout).
+fn fit_output(out: &mut Capped, err: &mut Capped, cap: usize) {
+    if out.data.len() + err.data.len() <= cap {
+        return;
+    }
+    let half = cap / 2;
+    let (out_len, err_len) = if out.data.len() <= half {
+        (out.data.len(), cap - out.data.len())
+    } else if err.data.len() <= half {
+        (cap - err.data.len(), err.data.len())
+    } else {
+        (half, cap - half)
+    };
+    for (stream, len) in [(out, out_len), (err, err_len)] {
+        if stream.data.len() > len {
+            stream.data.truncate(len);
+            stream.truncated = true;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn capped(len: usize) -> Capped {
+        Capped { data: vec![b'x'; len], truncated: false }
+    }
+
+    #[test]
+    fn both_streams_fit_the_cap_together() {
+        let fit = |o: usize, e: usize| {
+            let (mut out, mut err) = (capped(o), capped(e));
+            fit_output(&mut out, &mut err, 100);
+            (out.data.len(), err.data.len(), out.truncated, err.truncated)
+        };
+        assert_eq!(fit(60, 40), (60, 40, false, false));
+        assert_eq!(fit(100, 100), (50, 50, true, true));
+        assert_eq!(fit(100, 10), (90, 10, true, false));
+        assert_eq!(fit(10, 100), (10, 90, false, true));
+        assert_eq!(fit(0, 101), (0, 100, false, true));
+        const { assert!(EXEC_OUTPUT_CAP < 16 << 20) };
+    }
 
     #[test]
     fn exec_files_are_unique_and_removed() {
