@@ -1,6 +1,5 @@
-//! The HPACK Huffman code (RFC 7541, Appendix B): code and length in bits per byte value.
-//! The tables are h2's (`src/hpack/huffman/table.rs`, MIT), which generates them from the
-//! RFC; EOS (256) is not listed: a string never contains it.
+//! The HPACK Huffman code (RFC 7541, Appendix B): code and length in bits per byte value,
+//! the RFC's table as data. EOS (256) is not listed: a string never contains it.
 
 pub(super) const ENCODE_CODES: [u32; 256] = [
     0x1ff8, 0x7fffd8, 0xfffffe2, 0xfffffe3, 0xfffffe4, 0xfffffe5, 0xfffffe6, 0xfffffe7, 0xfffffe8,

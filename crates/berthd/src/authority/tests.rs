@@ -185,3 +185,12 @@ async fn everything_else_passes_unchanged() {
     AuthorityFix::new(server).read_to_end(&mut got).await.expect("read");
     assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
 }
+
+/// The table decodes the RFC's own examples (RFC 7541, C.4.1 and C.4.2).
+#[test]
+fn huffman_table_decodes_the_rfc_examples() {
+    let www = [0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4, 0xff];
+    assert_eq!(huffman_decode(&www).as_deref(), Some(b"www.example.com".as_slice()));
+    let no_cache = [0xa8, 0xeb, 0x10, 0x64, 0x9c, 0xbf];
+    assert_eq!(huffman_decode(&no_cache).as_deref(), Some(b"no-cache".as_slice()));
+}
