@@ -8,7 +8,7 @@ use k8s_cri::v1::{ExecSyncResponse, LinuxContainerResources};
 
 use crate::error::{Result, RuntimeError};
 use crate::state::ContainerState;
-use crate::util::{write_atomic, write_volatile};
+use crate::util::{process_alive, write_atomic, write_volatile};
 use crate::{ContainerEntry, Runtime};
 
 impl<S: Shim + 'static> Runtime<S> {
@@ -53,6 +53,18 @@ impl<S: Shim + 'static> Runtime<S> {
         let after = (timeout > 0).then(|| Duration::from_secs(timeout as u64));
         let out = match self.shim.exec_sync(&entry.meta.id, process, after).await {
             Ok(out) => out,
+            // The container's main process ended meanwhile (the kernel then kills whatever
+            // joins its namespaces, so the runtime fails with a broken pipe): the container
+            // is not running, as if the exit had been seen before the call.
+            Err(ShimError::RuntimeFailed { .. })
+                if entry.status().process.is_some_and(|p| !process_alive(p.pid, p.start_time)) =>
+            {
+                return Err(RuntimeError::WrongState {
+                    id: entry.meta.id.clone(),
+                    state: "exited",
+                    action: "exec in it",
+                });
+            }
             // The runtime refused to start the process: say why in its words, not with its
             // command line and state paths.
             Err(ShimError::RuntimeFailed { stderr, .. }) => {

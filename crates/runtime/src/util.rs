@@ -65,18 +65,30 @@ pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Whether the process `pid` that started at `start_time` still exists (and is not a zombie).
+/// `PF_EXITING` in the flags of `/proc/<pid>/stat`: the process is in `do_exit`.
+const PF_EXITING: u64 = 0x4;
+
+/// Whether the process `pid` that started at `start_time` still exists and is not on its
+/// way out (a zombie, or exiting: the init of a PID namespace stays exiting while the
+/// kernel kills the rest of its namespace).
 pub(crate) fn process_alive(pid: u32, start_time: Option<u64>) -> bool {
     let Some(now) = process_start_time(pid) else { return false };
     if start_time.is_some_and(|t| t != now) {
         return false;
     }
-    // A zombie has exited: treat it as gone.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().starts_with('Z')))
-        .map(|zombie| !zombie)
+        .and_then(|s| stat_says_alive(&s))
         .unwrap_or(false)
+}
+
+/// From a `/proc/<pid>/stat` text: not a zombie and not exiting. `None` if unparsable.
+fn stat_says_alive(stat: &str) -> Option<bool> {
+    // After the parenthesised command name: field 3 (state) ... field 9 (flags).
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?;
+    let flags: u64 = fields.nth(5)?.parse().ok()?;
+    Some(!matches!(state, "Z" | "X" | "x") && flags & PF_EXITING == 0)
 }
 
 /// Removes a directory tree; a missing one is fine.
@@ -91,6 +103,21 @@ pub(crate) fn remove_dir_all(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exiting_and_zombie_processes_are_not_alive() {
+        let stat = |state: &str, flags: u64| {
+            format!("42 (sh (odd) name) {state} 1 42 42 0 -1 {flags} 0 0 0 0 1 2 3 4 20 0 1 0 99")
+        };
+        assert_eq!(stat_says_alive(&stat("S", 0x400100)), Some(true));
+        assert_eq!(stat_says_alive(&stat("R", 0x400104)), Some(false));
+        assert_eq!(stat_says_alive(&stat("Z", 0x400100)), Some(false));
+        assert_eq!(stat_says_alive("garbage"), None);
+        // Our own process is alive.
+        let me = std::process::id();
+        assert!(process_alive(me, process_start_time(me)));
+        assert!(!process_alive(me, Some(1)));
+    }
 
     #[test]
     fn ids_are_64_hex_and_differ() {
