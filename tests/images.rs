@@ -74,6 +74,26 @@ async fn version_and_status() {
     assert!(ready.status, "{conds:?}");
 }
 
+/// Images as crictl users name them: by a unique prefix of the ID, with or without
+/// `sha256:` (`crictl inspecti 5f8a`, `crictl rmi 5f8a`); names win over ID prefixes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_by_id_prefix() {
+    let (reg, _d, mut c) = setup().await;
+    let p = fixtures::push_busybox(&reg).await.unwrap();
+    images::pull(&mut c, &p.reference()).await.unwrap();
+    let hex = p.id().trim_start_matches("sha256:").to_string();
+    for r in [hex[..12].to_string(), format!("sha256:{}", &hex[..5]), hex[..1].to_string()] {
+        let s = images::status(&mut c, &r).await.unwrap().unwrap_or_else(|| panic!("status {r}"));
+        assert_eq!(s.id, p.id(), "{r}");
+    }
+    // A prefix no image has, and something that is no prefix at all.
+    let other = if hex.starts_with('0') { "1" } else { "0" };
+    assert!(images::status(&mut c, other).await.unwrap().is_none());
+    assert!(images::status(&mut c, "sha256:xyz").await.unwrap().is_none());
+    images::remove(&mut c, &hex[..8]).await.unwrap();
+    assert!(images::status(&mut c, p.id()).await.unwrap().is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_list_status_remove() {
     let (reg, d, mut c) = setup().await;

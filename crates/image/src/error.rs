@@ -24,6 +24,12 @@ pub enum ImageError {
         /// What is wrong with it.
         reason: String,
     },
+    /// An image ID prefix that more than one image's ID starts with.
+    #[error("image ID prefix {prefix:?} is ambiguous: more than one image's ID starts with it")]
+    AmbiguousId {
+        /// The prefix as given.
+        prefix: String,
+    },
     /// The request's registry credentials cannot be used (they would not fit an HTTP
     /// header). The value is never echoed.
     #[error("invalid {field}: {reason}")]
@@ -238,9 +244,9 @@ impl ImageError {
     /// The class of this error; `crates/cri` maps it to the gRPC status code.
     pub fn grpc_class(&self) -> ErrorClass {
         match self {
-            Self::InvalidReference { .. } | Self::InvalidCredentials { .. } => {
-                ErrorClass::InvalidArgument
-            }
+            Self::InvalidReference { .. }
+            | Self::InvalidCredentials { .. }
+            | Self::AmbiguousId { .. } => ErrorClass::InvalidArgument,
             Self::NotFound { .. } => ErrorClass::NotFound,
             Self::Unauthorized { .. } => ErrorClass::Unauthenticated,
             Self::Unreachable { .. } | Self::Truncated { .. } => ErrorClass::Unavailable,

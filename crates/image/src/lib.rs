@@ -223,9 +223,10 @@ impl ImageStore {
         Ok(self.inner.meta.list()?.into_iter().map(|r| r.image).collect())
     }
 
-    /// Looks an image up by ID (`sha256:...` or the bare hex), by name (normalised), or by
-    /// digest reference. `Ok(None)` when there is no such image (or the reference is not
-    /// a valid name: nothing can be stored under it).
+    /// Looks an image up by ID (`sha256:...` or the bare hex), by name (normalised), by
+    /// digest reference, or by a unique prefix of its ID (`crictl inspecti 5f8a`), names
+    /// first, as containerd resolves them. `Ok(None)` when there is no such image; an ID
+    /// prefix that several images share is an error.
     pub fn get(&self, reference: &str) -> Result<Option<Image>, ImageError> {
         Ok(self.find(reference)?.map(|r| r.image))
     }
@@ -238,12 +239,19 @@ impl ImageStore {
         if digest::is_sha256_hex(reference) {
             return self.inner.meta.get(&format!("sha256:{reference}"));
         }
-        let Ok(name) = ImageReference::parse(reference) else {
+        if let Ok(name) = ImageReference::parse(reference)
+            && let Some(id) = self.inner.meta.resolve(&name.lookup_key())?
+        {
+            return self.inner.meta.get(&id);
+        }
+        let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
+        if hex.is_empty() || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Ok(None);
-        };
-        match self.inner.meta.resolve(&name.lookup_key())? {
-            Some(id) => self.inner.meta.get(&id),
-            None => Ok(None),
+        }
+        match self.inner.meta.ids_with_prefix(&format!("sha256:{hex}"), 2)?.as_slice() {
+            [id] => self.inner.meta.get(id),
+            [] => Ok(None),
+            _ => Err(ImageError::AmbiguousId { prefix: reference.to_string() }),
         }
     }
 

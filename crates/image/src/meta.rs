@@ -96,6 +96,23 @@ impl MetaStore {
         value.map(|v| ImageRecord::decode(id, v.value())).transpose()
     }
 
+    /// The IDs of the images whose ID starts with `prefix` (`sha256:` and some hex), at
+    /// most `limit` of them: one range scan of the ID-ordered table.
+    pub fn ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, ImageError> {
+        let txn = self.db.begin_read().map_err(|e| ImageError::db("begin read", e))?;
+        let table = txn.open_table(IMAGES).map_err(|e| ImageError::db("open image.images", e))?;
+        let mut ids = Vec::new();
+        for entry in table.range(prefix..).map_err(|e| ImageError::db("scan images", e))? {
+            let (key, _) = entry.map_err(|e| ImageError::db("scan images", e))?;
+            let id = key.value();
+            if !id.starts_with(prefix) || ids.len() == limit {
+                break;
+            }
+            ids.push(id.to_string());
+        }
+        Ok(ids)
+    }
+
     /// The image ID `name` points at.
     pub fn resolve(&self, name: &str) -> Result<Option<String>, ImageError> {
         let txn = self.db.begin_read().map_err(|e| ImageError::db("begin read", e))?;
@@ -213,6 +230,25 @@ mod tests {
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn ids_by_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("meta.redb")).unwrap());
+        let meta = MetaStore::open(db).unwrap();
+        for id in ["sha256:ab01", "sha256:ab02", "sha256:b000"] {
+            meta.record_pull(record(id, &[]), &[]).unwrap();
+        }
+        assert_eq!(
+            meta.ids_with_prefix("sha256:ab0", 2).unwrap(),
+            names(&["sha256:ab01", "sha256:ab02"])
+        );
+        assert_eq!(meta.ids_with_prefix("sha256:ab", 1).unwrap(), names(&["sha256:ab01"]));
+        assert_eq!(meta.ids_with_prefix("sha256:b", 2).unwrap(), names(&["sha256:b000"]));
+        assert!(meta.ids_with_prefix("sha256:c", 2).unwrap().is_empty());
+        // The scan stops at the first key past the prefix.
+        assert!(meta.ids_with_prefix("sha256:ab03", 2).unwrap().is_empty());
     }
 
     #[test]
