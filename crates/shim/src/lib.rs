@@ -23,6 +23,7 @@ mod console;
 mod embedded;
 mod error;
 mod exec;
+mod exec_stream;
 pub mod external;
 pub mod log;
 pub mod oom;
@@ -38,6 +39,7 @@ pub use command::run_with_input;
 pub use embedded::{EmbeddedShim, validate_id};
 pub use error::ShimError;
 pub use exec::EXEC_OUTPUT_CAP;
+pub use exec_stream::{ExecSpec, StreamingExec, kill_exec, resize_pty, start_exec};
 pub use external::{ExternalShim, RecoveredTask};
 pub use reaper::{Captured, Reaper, become_subreaper, run_captured};
 

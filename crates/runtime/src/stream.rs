@@ -1,0 +1,82 @@
+//! What the streaming server needs from the runtime: exec processes with their stdio handed
+//! over, and the network namespace a pod's ports live in.
+
+use std::path::PathBuf;
+
+use berth_shim::{ExecSpec, Shim, StreamingExec};
+
+use crate::Runtime;
+use crate::error::{Result, RuntimeError};
+
+/// Where a pod's ports are reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// The pod's own network namespace, pinned at this path.
+    Namespace(PathBuf),
+    /// The node's (host-network pods).
+    Host,
+}
+
+/// A streaming exec: which container, which command, which stdio.
+#[derive(Debug, Clone, Default)]
+pub struct StreamExec {
+    /// The container (id or unique prefix).
+    pub container_id: String,
+    /// The command and its arguments.
+    pub cmd: Vec<String>,
+    /// Allocate a pty.
+    pub tty: bool,
+    /// Wire up stdin.
+    pub stdin: bool,
+    /// Wire up stdout.
+    pub stdout: bool,
+    /// Wire up stderr (not with a tty).
+    pub stderr: bool,
+}
+
+impl<S: Shim + 'static> Runtime<S> {
+    /// Starts `exec.cmd` in the running container with the container's process settings and
+    /// hands over its stdio. berthd runs the OCI runtime itself, with either shim (see
+    /// `berth_shim::start_exec` for why).
+    pub async fn exec_streaming(&self, exec: &StreamExec) -> Result<StreamingExec> {
+        if exec.cmd.is_empty() {
+            return Err(RuntimeError::Missing("cmd"));
+        }
+        let entry = self.running(&exec.container_id, "exec in it")?;
+        let spec = self.read_spec(&entry)?;
+        let process = berth_oci::exec_process(&spec, &exec.cmd, exec.tty)
+            .map_err(RuntimeError::ContainerConfig)?;
+        let json = serde_json::to_vec(&process)
+            .map_err(|source| RuntimeError::Serialize { what: "exec process", source })?;
+        let work_dir = self.config.state_dir.join("exec");
+        berth_shim::start_exec(ExecSpec {
+            runtime: &entry.meta.runtime,
+            runtime_root: &entry.meta.runtime_root,
+            work_dir: &work_dir,
+            id: &entry.meta.id,
+            process_json: &json,
+            tty: exec.tty,
+            stdin: exec.stdin,
+            stdout: exec.stdout,
+            stderr: exec.stderr && !exec.tty,
+        })
+        .await
+        .map_err(RuntimeError::Shim)
+    }
+
+    /// The network a pod's forwarded ports are reached in; the pod must exist and be ready.
+    pub fn pod_network(&self, pod_id: &str) -> Result<PodNetwork> {
+        let entry = self
+            .find_sandbox(pod_id)
+            .ok_or_else(|| RuntimeError::SandboxNotFound(pod_id.to_owned()))?;
+        Ok(match &entry.meta.netns {
+            Some(path) => PodNetwork::Namespace(path.clone()),
+            None => PodNetwork::Host,
+        })
+    }
+
+    /// Whether the container exists and is running (checked before handing out a URL).
+    pub fn check_running(&self, id: &str) -> Result<()> {
+        self.running(id, "stream to it").map(|_| ())
+    }
+}
