@@ -1,0 +1,298 @@
+//! End-to-end: Exec and PortForward through berthd's streaming server, driven by a small
+//! WebSocket client speaking the Kubernetes channel protocols (`v5.channel.k8s.io`,
+//! `v4.portforward.k8s.io`): stdio, exit codes, tty and resize, single-use tokens, and no
+//! process left behind by a client that goes away.
+
+#[path = "support/podkit.rs"]
+mod podkit;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures::{SinkExt, StreamExt};
+use k8s_cri::v1::*;
+use podkit::{Env, skip};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{WebSocketStream, client_async};
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Opens a WebSocket on `url` offering `protocol`.
+async fn ws_connect(url: &str, protocol: &str) -> Result<Ws> {
+    // The CRI hands out http:// URLs; the WebSocket client wants its own scheme.
+    let ws_url = url.replacen("http://", "ws://", 1);
+    let mut req = ws_url.into_client_request()?;
+    req.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse()?);
+    let host = req.uri().authority().context("no host in URL")?.as_str().to_owned();
+    let tcp = TcpStream::connect(host).await?;
+    let (ws, resp) = client_async(req, tcp).await?;
+    let chosen = resp.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok());
+    anyhow::ensure!(chosen == Some(protocol), "server chose {chosen:?}");
+    Ok(ws)
+}
+
+/// Sends `data` on channel `ch`.
+async fn send(ws: &mut Ws, ch: u8, data: &[u8]) -> Result<()> {
+    let mut msg = vec![ch];
+    msg.extend_from_slice(data);
+    ws.send(Message::Binary(msg.into())).await?;
+    Ok(())
+}
+
+/// Everything received per channel until the server closes the connection.
+async fn collect(ws: &mut Ws) -> Result<HashMap<u8, Vec<u8>>> {
+    let mut got: HashMap<u8, Vec<u8>> = HashMap::new();
+    let read = async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Binary(b)) if !b.is_empty() => {
+                    got.entry(b[0]).or_default().extend_from_slice(&b[1..])
+                }
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read).await.context("session did not end")?;
+    Ok(got)
+}
+
+fn text(got: &HashMap<u8, Vec<u8>>, ch: u8) -> String {
+    String::from_utf8_lossy(got.get(&ch).map(Vec::as_slice).unwrap_or_default()).into_owned()
+}
+
+async fn exec_url(env: &mut Env, req: ExecRequest) -> Result<String> {
+    Ok(env.rt.exec(req).await?.into_inner().url)
+}
+
+fn exec_req(ctr: &str, cmd: &[&str]) -> ExecRequest {
+    ExecRequest {
+        container_id: ctr.to_owned(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        stdin: true,
+        stdout: true,
+        stderr: true,
+        tty: false,
+    }
+}
+
+/// A pod with a sleeping container to exec into: (pod, container).
+async fn sleeper(env: &mut Env, name: &str) -> Result<(String, String)> {
+    let config = env.pod_config(name);
+    let pod = env.run_pod(config.clone()).await?;
+    let c = env.container_config("c", &["/bin/busybox", "sleep", "3600"]);
+    let ctr = env.run(&pod, &config, c).await?;
+    Ok((pod, ctr))
+}
+
+#[tokio::test]
+async fn exec_over_websocket_stdio_and_exit_code() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let (pod, ctr) = sleeper(&mut env, "wsexec").await?;
+
+    let cmd = ["/bin/sh", "-c", "cat; echo oops >&2; exit 3"];
+    let url = exec_url(&mut env, exec_req(&ctr, &cmd)).await?;
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    send(&mut ws, 0, b"hello ").await?;
+    send(&mut ws, 0, b"world").await?;
+    // v5: close stdin, so `cat` ends.
+    ws.send(Message::Binary(vec![255, 0].into())).await?;
+    let got = collect(&mut ws).await?;
+    assert_eq!(text(&got, 1), "hello world");
+    assert_eq!(text(&got, 2), "oops\n");
+    let status: serde_json::Value = serde_json::from_str(&text(&got, 3))?;
+    assert_eq!(status["status"], "Failure", "{status}");
+    assert_eq!(status["reason"], "NonZeroExitCode");
+    assert_eq!(status["details"]["causes"][0]["reason"], "ExitCode");
+    assert_eq!(status["details"]["causes"][0]["message"], "3");
+
+    // Success, on v4.
+    let mut req = exec_req(&ctr, &["/bin/echo", "fine"]);
+    req.stdin = false;
+    let url = exec_url(&mut env, req).await?;
+    let mut ws = ws_connect(&url, "v4.channel.k8s.io").await?;
+    let got = collect(&mut ws).await?;
+    assert_eq!(text(&got, 1), "fine\n");
+    assert_eq!(text(&got, 3), r#"{"metadata":{},"status":"Success"}"#);
+
+    env.remove_pod(&pod).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn exec_with_a_tty_sees_resizes() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let (pod, ctr) = sleeper(&mut env, "wstty").await?;
+    let mut req = exec_req(&ctr, &["/bin/sh", "-c", "read x; stty size; tty"]);
+    req.tty = true;
+    req.stderr = false;
+    let url = exec_url(&mut env, req).await?;
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    send(&mut ws, 4, br#"{"Width":123,"Height":45}"#).await?;
+    // Let the resize land before the shell reads its line.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(&mut ws, 0, b"go\n").await?;
+    let got = collect(&mut ws).await?;
+    let out = text(&got, 1);
+    assert!(out.contains("45 123"), "{out:?}");
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+    assert!(!got.contains_key(&2), "a tty has no separate stderr");
+    assert_eq!(text(&got, 3), r#"{"metadata":{},"status":"Success"}"#);
+    env.remove_pod(&pod).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tokens_are_single_use_and_bound_to_their_kind() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let (pod, ctr) = sleeper(&mut env, "tokens").await?;
+    let url = exec_url(&mut env, exec_req(&ctr, &["/bin/true"])).await?;
+    // The same token on another kind's path: refused, and it stays good for its own.
+    let wrong = url.replace("/exec/", "/portforward/");
+    assert!(ws_connect(&wrong, "v4.portforward.k8s.io").await.is_err());
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    ws.send(Message::Binary(vec![255, 0].into())).await?;
+    let got = collect(&mut ws).await?;
+    assert_eq!(text(&got, 3), r#"{"metadata":{},"status":"Success"}"#);
+    // Used once: gone.
+    let err = ws_connect(&url, "v5.channel.k8s.io").await.expect_err("second use");
+    assert!(err.to_string().contains("404"), "{err}");
+    // Made up: unknown.
+    let (base, _) = url.rsplit_once('/').context("url")?;
+    let err = ws_connect(&format!("{base}/madeup"), "v5.channel.k8s.io").await.expect_err("fake");
+    assert!(err.to_string().contains("404"), "{err}");
+
+    // Exec in an unknown container: no URL at all.
+    let e = env.rt.exec(exec_req(&"f".repeat(64), &["/bin/true"])).await.expect_err("unknown");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    env.remove_pod(&pod).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_leaves_no_process() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let (pod, ctr) = sleeper(&mut env, "gone").await?;
+    let url = exec_url(&mut env, exec_req(&ctr, &["/bin/busybox", "sleep", "4242"])).await?;
+    let ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    let mut seen = false;
+    for _ in 0..50 {
+        if sleeping(&mut env, &ctr).await? {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "exec process never started");
+    drop(ws);
+    let mut left = true;
+    for _ in 0..100 {
+        if !sleeping(&mut env, &ctr).await? {
+            left = false;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!left, "exec process outlived its client");
+    env.remove_pod(&pod).await?;
+    Ok(())
+}
+
+/// Whether `sleep 4242` runs in `ctr`.
+async fn sleeping(env: &mut Env, ctr: &str) -> Result<bool> {
+    let out = env.exec(ctr, &["/bin/busybox", "ps"], 10).await?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("sleep 4242"))
+}
+
+#[tokio::test]
+async fn port_forward_over_websocket() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let config = env.pod_config("pf");
+    let pod = env.run_pod(config.clone()).await?;
+    let script = "mkdir -p /tmp/www && echo forwarded > /tmp/www/index.html && \
+                  exec /bin/busybox httpd -f -p 8080 -h /tmp/www";
+    let c = env.container_config("httpd", &["/bin/busybox", "sh", "-c", script]);
+    let ctr = env.run(&pod, &config, c).await?;
+    // Serving once wget inside the pod gets the page.
+    for _ in 0..50 {
+        let r = env
+            .exec(&ctr, &["/bin/busybox", "wget", "-q", "-O-", "http://127.0.0.1:8080/"], 10)
+            .await?;
+        if r.exit_code == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let forward =
+        |port: u16| PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![i32::from(port)] };
+    let url = env.rt.port_forward(forward(8080)).await?.into_inner().url;
+    let mut ws = ws_connect(&format!("{url}?ports=8080"), "v4.portforward.k8s.io").await?;
+    send(&mut ws, 0, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await?;
+    let got = collect_until(&mut ws, |g| text(g, 0).contains("forwarded")).await?;
+    // Each channel starts with the port, little endian.
+    assert_eq!(&got[&0][..2], &8080u16.to_le_bytes());
+    assert_eq!(&got[&1][..2], &8080u16.to_le_bytes());
+    let body = String::from_utf8_lossy(&got[&0][2..]).into_owned();
+    assert!(body.starts_with("HTTP/1."), "{body}");
+    drop(ws);
+
+    // A port nobody listens on: an error on the error channel.
+    let url = env.rt.port_forward(forward(8081)).await?.into_inner().url;
+    let mut ws = ws_connect(&format!("{url}?ports=8081"), "v4.portforward.k8s.io").await?;
+    let got = collect_until(&mut ws, |g| g.get(&1).is_some_and(|e| e.len() > 2)).await?;
+    let err = String::from_utf8_lossy(&got[&1][2..]).into_owned();
+    assert!(err.contains("8081"), "{err}");
+
+    let e = env
+        .rt
+        .port_forward(PortForwardRequest { pod_sandbox_id: "f".repeat(64), port: vec![80] })
+        .await;
+    assert_eq!(e.expect_err("unknown pod").code(), tonic::Code::NotFound);
+    env.remove_pod(&pod).await?;
+    Ok(())
+}
+
+/// Receives until `done` says so (or the server closes).
+async fn collect_until(
+    ws: &mut Ws,
+    done: impl Fn(&HashMap<u8, Vec<u8>>) -> bool,
+) -> Result<HashMap<u8, Vec<u8>>> {
+    let mut got: HashMap<u8, Vec<u8>> = HashMap::new();
+    let read = async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Binary(b)) if !b.is_empty() => {
+                    got.entry(b[0]).or_default().extend_from_slice(&b[1..])
+                }
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if done(&got) {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), read).await.is_err() {
+        bail!("no answer: {got:?}");
+    }
+    Ok(got)
+}
