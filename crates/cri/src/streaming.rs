@@ -38,8 +38,17 @@ impl RuntimeApi {
         if r.container_id.is_empty() {
             return Err(missing("container_id"));
         }
-        // Attach sessions are not served yet: say so now rather than after the upgrade.
-        Err(Status::unimplemented("Attach is not implemented by berth yet"))
+        if !(r.stdin || r.stdout || r.stderr) {
+            return Err(Status::invalid_argument("one of stdin, stdout and stderr must be set"));
+        }
+        let target = self.runtime().attach_target(&r.container_id).map_err(runtime_status)?;
+        if r.stdin && !target.stdin {
+            return Err(Status::invalid_argument(format!(
+                "container {} was not created with stdin",
+                r.container_id
+            )));
+        }
+        Ok(AttachResponse { url: self.stream_url(StreamRequest::Attach(r))? })
     }
 
     pub(crate) fn do_port_forward(

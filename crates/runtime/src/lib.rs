@@ -52,7 +52,7 @@ pub use error::{ErrorClass, Result, RuntimeError};
 pub use net_runner::ReaperCommandRunner;
 pub use records::{ContainerMeta, ContainerStatus, ProcessRef, SandboxMeta, SandboxStatus};
 pub use recovery::RecoveryReport;
-pub use stream::{PodNetwork, StreamExec};
+pub use stream::{AttachTarget, PodNetwork, StreamExec};
 
 use crate::events::Events;
 use crate::names::Names;

@@ -34,7 +34,28 @@ pub struct StreamExec {
     pub stderr: bool,
 }
 
+/// What an attach session connects to.
+#[derive(Debug, Clone)]
+pub struct AttachTarget {
+    /// The container's bundle, which holds the shim's attach socket.
+    pub bundle: PathBuf,
+    /// The container has a tty (one output stream; resizes apply).
+    pub tty: bool,
+    /// The container was created with stdin open.
+    pub stdin: bool,
+}
+
 impl<S: Shim + 'static> Runtime<S> {
+    /// Where to attach to the running container `id`'s own process.
+    pub fn attach_target(&self, id: &str) -> Result<AttachTarget> {
+        let entry = self.running(id, "attach to it")?;
+        Ok(AttachTarget {
+            bundle: entry.meta.bundle.clone(),
+            tty: entry.meta.config.tty,
+            stdin: entry.meta.config.stdin,
+        })
+    }
+
     /// Starts `exec.cmd` in the running container with the container's process settings and
     /// hands over its stdio. berthd runs the OCI runtime itself, with either shim (see
     /// `berth_shim::start_exec` for why).

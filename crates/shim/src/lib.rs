@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 mod adopt;
 mod any;
+pub mod attach;
 pub mod command;
 mod console;
 mod embedded;
@@ -75,8 +76,10 @@ pub struct CreateTask {
     pub memory_cgroup: Option<PathBuf>,
     /// Allocate a terminal.
     pub tty: bool,
-    /// Keep stdin open.
+    /// Keep stdin open (attach sessions write to it).
     pub stdin: bool,
+    /// Close stdin once the first attach session that used it ends.
+    pub stdin_once: bool,
     /// Start it as well (`<runtime> run --detach`): one runtime process instead of a
     /// `create` and a `start`, which is how StartContainer makes a task.
     pub start: bool,

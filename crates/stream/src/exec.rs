@@ -37,8 +37,8 @@ pub(crate) struct ExecIo {
     pub(crate) style: StatusStyle,
 }
 
-/// How an exec ended.
-enum Outcome {
+/// How an exec (or attach) ended.
+pub(crate) enum Outcome {
     Exited(i32),
     Failed(String),
 }
@@ -55,6 +55,11 @@ pub(crate) async fn run(
         Ok(process) => pump(process, &mut io, gone).await,
         Err(e) => Outcome::Failed(e.to_string()),
     };
+    finish(io, outcome).await;
+}
+
+/// Closes the output streams and reports `outcome` on the error stream.
+pub(crate) async fn finish(mut io: ExecIo, outcome: Outcome) {
     for out in [io.stdout.take(), io.stderr.take()].into_iter().flatten() {
         out.close().await;
     }
@@ -171,34 +176,51 @@ struct Size {
     height: u16,
 }
 
-/// Applies the sizes sent on the resize stream: a sequence of JSON objects.
+/// Applies the sizes sent on the resize stream.
 async fn resizes(mut input: InStream, pty: OwnedFd) {
-    let mut buf = Vec::new();
+    let mut sizes = SizeParser::default();
     while let Some(data) = input.recv().await {
-        buf.extend_from_slice(&data);
-        let mut sizes = serde_json::Deserializer::from_slice(&buf).into_iter::<Size>();
+        for (width, height) in sizes.push(&data) {
+            if let Err(e) = berth_shim::resize_pty(&pty, width, height) {
+                tracing::debug!(error = %e, "cannot resize exec pty");
+            }
+        }
+    }
+}
+
+/// The resize stream: a sequence of JSON objects, split across frames anyhow.
+#[derive(Default)]
+pub(crate) struct SizeParser {
+    buf: Vec<u8>,
+}
+
+impl SizeParser {
+    /// Adds `data`; returns the (width, height) of each object now complete.
+    pub(crate) fn push(&mut self, data: &[u8]) -> Vec<(u16, u16)> {
+        self.buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        let mut sizes = serde_json::Deserializer::from_slice(&self.buf).into_iter::<Size>();
         let mut used = 0;
         loop {
             match sizes.next() {
                 Some(Ok(s)) => {
                     used = sizes.byte_offset();
-                    if let Err(e) = berth_shim::resize_pty(&pty, s.width, s.height) {
-                        tracing::debug!(error = %e, "cannot resize exec pty");
-                    }
+                    out.push((s.width, s.height));
                 }
                 Some(Err(e)) if e.is_eof() => break,
                 // Not a size: drop what we have.
                 Some(Err(_)) => {
-                    used = buf.len();
+                    used = self.buf.len();
                     break;
                 }
                 None => break,
             }
         }
-        buf.drain(..used);
-        if buf.len() > 4096 {
-            buf.clear();
+        self.buf.drain(..used);
+        if self.buf.len() > 4096 {
+            self.buf.clear();
         }
+        out
     }
 }
 
@@ -237,6 +259,15 @@ fn status(outcome: &Outcome, style: StatusStyle) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_are_parsed_across_frames() {
+        let mut p = SizeParser::default();
+        assert_eq!(p.push(br#"{"Width":80,"Hei"#), vec![]);
+        assert_eq!(p.push(br#"ght":24}{"width":1,"height":2}"#), vec![(80, 24), (1, 2)]);
+        assert_eq!(p.push(b"garbage"), vec![]);
+        assert_eq!(p.push(br#"{"Width":3,"Height":4}"#), vec![(3, 4)]);
+    }
 
     #[test]
     fn statuses_are_what_the_kubelet_sends() {

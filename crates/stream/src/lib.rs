@@ -5,6 +5,7 @@
 //! SPDY/3.1 or WebSocket and speaks the Kubernetes stream protocols: `channel.k8s.io` (v1 to
 //! v5) for exec and `portforward.k8s.io` for port forwarding.
 
+mod attach;
 mod channel;
 mod error;
 mod exec;

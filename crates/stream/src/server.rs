@@ -24,7 +24,8 @@ use crate::exec::{ExecIo, StatusStyle};
 use crate::spdy::Connection;
 use crate::token::{Request, Tokens};
 use crate::ws::WsConnection;
-use crate::{StreamError, exec, portforward};
+use crate::{StreamError, attach, exec, portforward};
+use k8s_cri::v1::{AttachRequest, PortForwardRequest};
 
 /// Exec/attach protocols over SPDY, best first.
 const SPDY_EXEC: &[&str] = &[
@@ -39,7 +40,10 @@ const SPDY_PORTFORWARD: &[&str] = &["portforward.k8s.io"];
 /// Exec/attach protocols over WebSocket, best first.
 const WS_EXEC: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io"];
 /// Port-forward protocols over WebSocket, best first.
-const WS_PORTFORWARD: &[&str] = &["v4.portforward.k8s.io", "portforward.k8s.io"];
+const WS_PORTFORWARD: &[&str] =
+    &["SPDY/3.1+portforward.k8s.io", "v4.portforward.k8s.io", "portforward.k8s.io"];
+/// The WebSocket subprotocol prefix of SPDY tunnelled through binary messages.
+const SPDY_TUNNEL: &str = "SPDY/3.1+";
 /// How long the client gets to open the streams its request needs.
 const STREAMS_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -195,36 +199,48 @@ impl StreamServer {
         request: Request,
         ports: Option<Vec<u16>>,
     ) {
-        match (protocol, request) {
-            (Protocol::Spdy(version), Request::Exec(r)) => {
-                let exec = StreamExec {
-                    container_id: r.container_id,
-                    cmd: r.cmd,
-                    tty: r.tty,
-                    stdin: r.stdin,
-                    stdout: r.stdout,
-                    stderr: r.stderr,
-                };
-                match Connection::start(io) {
-                    Ok(conn) => self.exec_spdy(exec, version, conn).await,
-                    Err(e) => tracing::warn!(error = %e, "cannot start SPDY connection"),
-                }
-            }
-            (Protocol::Ws(version), Request::Exec(r)) => {
-                let exec = StreamExec {
-                    container_id: r.container_id,
-                    cmd: r.cmd,
-                    tty: r.tty,
-                    stdin: r.stdin,
-                    stdout: r.stdout,
-                    stderr: r.stderr,
-                };
+        let job = match request {
+            Request::Exec(r) => Job::Exec(StreamExec {
+                container_id: r.container_id,
+                cmd: r.cmd,
+                tty: r.tty,
+                stdin: r.stdin,
+                stdout: r.stdout,
+                stderr: r.stderr,
+            }),
+            Request::Attach(r) => Job::Attach(r),
+            Request::PortForward(r) => return self.port_forward(io, protocol, r, ports).await,
+        };
+        match protocol {
+            Protocol::Spdy(version) => match Connection::start(io) {
+                Ok(conn) => self.channel_spdy(job, version, conn).await,
+                Err(e) => tracing::warn!(error = %e, "cannot start SPDY connection"),
+            },
+            Protocol::Ws(version) => {
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
                 let conn = WsConnection::start(ws, version.starts_with("v5."), &[0, 4]);
-                self.exec_ws(exec, conn).await;
+                self.channel_ws(job, conn).await;
             }
-            (Protocol::Spdy(_), Request::PortForward(r)) => {
-                match (self.runtime.pod_network(&r.pod_sandbox_id), Connection::start(io)) {
+        }
+    }
+
+    async fn port_forward(
+        &self,
+        io: TokioIo<hyper::upgrade::Upgraded>,
+        protocol: Protocol,
+        r: PortForwardRequest,
+        ports: Option<Vec<u16>>,
+    ) {
+        let net = self.runtime.pod_network(&r.pod_sandbox_id);
+        match protocol {
+            Protocol::Spdy(_) => match (net, Connection::start(io)) {
+                (Ok(net), Ok(conn)) => portforward::serve_spdy(net, conn).await,
+                (Err(e), _) => tracing::debug!(error = %e, "port forward to a pod that is gone"),
+                (_, Err(e)) => tracing::warn!(error = %e, "cannot start SPDY connection"),
+            },
+            Protocol::Ws(p) if p.starts_with(SPDY_TUNNEL) => {
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+                match (net, Connection::start(crate::ws::tunnel(ws))) {
                     (Ok(net), Ok(conn)) => portforward::serve_spdy(net, conn).await,
                     (Err(e), _) => {
                         tracing::debug!(error = %e, "port forward to a pod that is gone")
@@ -232,14 +248,14 @@ impl StreamServer {
                     (_, Err(e)) => tracing::warn!(error = %e, "cannot start SPDY connection"),
                 }
             }
-            (Protocol::Ws(_), Request::PortForward(r)) => {
+            Protocol::Ws(_) => {
                 let ports = ports.unwrap_or_else(|| {
                     r.port.iter().filter_map(|&p| u16::try_from(p).ok()).collect()
                 });
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
                 let inputs: Vec<u8> = (0..ports.len()).map(|n| (2 * n) as u8).collect();
                 let conn = WsConnection::start(ws, false, &inputs);
-                match self.runtime.pod_network(&r.pod_sandbox_id) {
+                match net {
                     Ok(net) => portforward::serve_ws(net, ports, conn).await,
                     Err(e) => {
                         tracing::debug!(error = %e, "port forward to a pod that is gone");
@@ -247,32 +263,31 @@ impl StreamServer {
                     }
                 }
             }
-            (_, Request::Attach(r)) => {
-                tracing::info!(container = %r.container_id, "attach is not supported yet");
-            }
         }
     }
 
-    /// Exec over SPDY: waits for the streams the request needs, then runs it.
-    async fn exec_spdy(&self, exec: StreamExec, version: &str, mut conn: Connection) {
+    /// Exec or attach over SPDY: waits for the streams the request needs, then runs it.
+    async fn channel_spdy(&self, job: Job, version: &str, mut conn: Connection) {
         let style = if version.starts_with("v4.") || version.starts_with("v5.") {
             StatusStyle::Json
         } else {
             StatusStyle::Text
         };
-        let resize_wanted = exec.tty && style == StatusStyle::Json || version.starts_with("v3.");
+        let (stdin, stdout, stderr, tty) = job.flags();
+        // Resize streams came with v3.
+        let resize = tty && (style == StatusStyle::Json || version.starts_with("v3."));
         let mut io =
             ExecIo { stdin: None, stdout: None, stderr: None, error: None, resize: None, style };
         let expected = 1
-            + usize::from(exec.stdin)
-            + usize::from(exec.stdout)
-            + usize::from(exec.stderr && !exec.tty)
-            + usize::from(exec.tty && resize_wanted);
+            + usize::from(stdin)
+            + usize::from(stdout)
+            + usize::from(stderr && !tty)
+            + usize::from(resize);
         let mut got = 0;
         let deadline = tokio::time::Instant::now() + STREAMS_TIMEOUT;
         while got < expected {
             let Ok(Some(s)) = tokio::time::timeout_at(deadline, conn.streams.recv()).await else {
-                tracing::debug!(got, expected, "exec client did not open its streams");
+                tracing::debug!(got, expected, "stream client did not open its streams");
                 conn.finish().await;
                 return;
             };
@@ -289,23 +304,47 @@ impl StreamServer {
             got += usize::from(new);
         }
         let gone = conn.gone.clone();
-        exec::run(&self.runtime, exec, io, gone).await;
+        job.run(&self.runtime, io, gone).await;
         conn.finish().await;
     }
 
-    /// Exec over WebSocket: the channels exist from the start.
-    async fn exec_ws(&self, exec: StreamExec, mut conn: WsConnection) {
+    /// Exec or attach over WebSocket: the channels exist from the start.
+    async fn channel_ws(&self, job: Job, mut conn: WsConnection) {
+        let (stdin, stdout, stderr, tty) = job.flags();
         let io = ExecIo {
-            stdin: conn.inputs.remove(&0).filter(|_| exec.stdin),
-            stdout: exec.stdout.then(|| conn.output(1)),
-            stderr: (exec.stderr && !exec.tty).then(|| conn.output(2)),
+            stdin: conn.inputs.remove(&0).filter(|_| stdin),
+            stdout: stdout.then(|| conn.output(1)),
+            stderr: (stderr && !tty).then(|| conn.output(2)),
             error: Some(conn.output(3)),
-            resize: conn.inputs.remove(&4).filter(|_| exec.tty),
+            resize: conn.inputs.remove(&4).filter(|_| tty),
             style: StatusStyle::Json,
         };
         let gone = conn.gone.clone();
-        exec::run(&self.runtime, exec, io, gone).await;
+        job.run(&self.runtime, io, gone).await;
         conn.finish().await;
+    }
+}
+
+/// What a channel-protocol connection runs: both speak it alike.
+enum Job {
+    Exec(StreamExec),
+    Attach(AttachRequest),
+}
+
+impl Job {
+    /// Which of stdin, stdout, stderr and tty the request asked for.
+    fn flags(&self) -> (bool, bool, bool, bool) {
+        match self {
+            Job::Exec(e) => (e.stdin, e.stdout, e.stderr, e.tty),
+            Job::Attach(a) => (a.stdin, a.stdout, a.stderr, a.tty),
+        }
+    }
+
+    async fn run(self, runtime: &Runtime, io: ExecIo, gone: tokio::sync::watch::Receiver<bool>) {
+        match self {
+            Job::Exec(e) => exec::run(runtime, e, io, gone).await,
+            Job::Attach(a) => attach::run(runtime, &a.container_id, io, gone).await,
+        }
     }
 }
 

@@ -8,16 +8,20 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::channel::{IN_QUEUE, InStream, OUT_QUEUE, Out, OutStream};
 
 /// The v5 close channel.
 const CLOSE_CHANNEL: u8 = 255;
+/// Bytes in flight in a SPDY tunnel, each way.
+const TUNNEL_BUFFER: usize = 64 << 10;
 /// How long after our close frame we wait for the client's.
 const LINGER: Duration = Duration::from_secs(5);
 
@@ -73,6 +77,53 @@ impl WsConnection {
     }
 }
 
+/// A close frame with status 1000.
+fn normal_close() -> CloseFrame {
+    CloseFrame { code: CloseCode::Normal, reason: "".into() }
+}
+
+/// Carries a byte stream over binary messages, for SPDY tunnelled through a WebSocket
+/// (`SPDY/3.1+portforward.k8s.io`, as client-go's port-forward over WebSocket speaks): the
+/// returned end reads what the client sends and writes what it receives.
+pub(crate) fn tunnel<IO>(ws: WebSocketStream<IO>) -> DuplexStream
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (ours, theirs) = tokio::io::duplex(TUNNEL_BUFFER);
+    let (mut rd, mut wr) = tokio::io::split(theirs);
+    let (mut sink, mut stream) = ws.split();
+    tokio::spawn(async move {
+        let up = async {
+            while let Some(Ok(msg)) = stream.next().await {
+                match msg {
+                    Message::Binary(data) if wr.write_all(&data).await.is_err() => break,
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+            let _ = wr.shutdown().await;
+        };
+        let down = async {
+            let mut buf = vec![0u8; crate::channel::CHUNK];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let data = Bytes::copy_from_slice(&buf[..n]);
+                        if sink.send(Message::Binary(data)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = sink.send(Message::Close(Some(normal_close()))).await;
+            let _ = sink.close().await;
+        };
+        tokio::join!(up, down);
+    });
+    ours
+}
+
 async fn read_loop<S>(mut stream: S, mut senders: HashMap<u8, mpsc::Sender<Bytes>>, v5: bool)
 where
     S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
@@ -115,7 +166,8 @@ where
             Out::Close(ch) if v5 => Message::Binary(Bytes::from(vec![CLOSE_CHANNEL, ch as u8])),
             Out::Close(_) | Out::Control(_) => continue,
             Out::Shutdown => {
-                let _ = sink.send(Message::Close(None)).await;
+                // A normal closure: Go's clients take 1005 (no status) as an error.
+                let _ = sink.send(Message::Close(Some(normal_close()))).await;
                 let _ = sink.close().await;
                 return;
             }
