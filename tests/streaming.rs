@@ -1,7 +1,8 @@
-//! End-to-end: Exec and PortForward through berthd's streaming server, driven by a small
-//! WebSocket client speaking the Kubernetes channel protocols (`v5.channel.k8s.io`,
-//! `v4.portforward.k8s.io`): stdio, exit codes, tty and resize, single-use tokens, and no
-//! process left behind by a client that goes away.
+//! End-to-end: Exec, Attach and PortForward through berthd's streaming server, driven by
+//! small WebSocket and SPDY/3.1 clients speaking the Kubernetes protocols
+//! (`v5.channel.k8s.io`, `v4.channel.k8s.io`, `v4.portforward.k8s.io`, `portforward.k8s.io`):
+//! stdio, exit codes, tty and resize, stdin_once, single-use tokens, and no process left
+//! behind by a client that goes away.
 
 #[path = "support/podkit.rs"]
 mod podkit;
@@ -10,9 +11,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use berth_stream::spdy::{Frame, FrameReader, FrameWriter};
 use futures::{SinkExt, StreamExt};
 use k8s_cri::v1::*;
 use podkit::{Env, skip};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -295,4 +298,191 @@ async fn collect_until(
         bail!("no answer: {got:?}");
     }
     Ok(got)
+}
+
+#[tokio::test]
+async fn attach_over_websocket_with_stdin_once() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let config = env.pod_config("attach");
+    let pod = env.run_pod(config.clone()).await?;
+    let mut c = env.container_config("sh", &["/bin/sh"]);
+    c.stdin = true;
+    c.stdin_once = true;
+    let ctr = env.run(&pod, &config, c).await?;
+
+    let req = AttachRequest {
+        container_id: ctr.clone(),
+        stdin: true,
+        stdout: true,
+        stderr: true,
+        tty: false,
+    };
+    let url = env.rt.attach(req).await?.into_inner().url;
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    send(&mut ws, 0, b"echo attached; echo oops >&2\n").await?;
+    let got =
+        collect_until(&mut ws, |g| text(g, 1) == "attached\n" && text(g, 2) == "oops\n").await?;
+    assert_eq!(text(&got, 1), "attached\n");
+    // Closing stdin (stdin_once) ends the shell, and with it the session.
+    ws.send(Message::Binary(vec![255, 0].into())).await?;
+    let got = collect(&mut ws).await?;
+    assert_eq!(text(&got, 3), r#"{"metadata":{},"status":"Success"}"#);
+    let s = env.wait_exited(&ctr, Duration::from_secs(10)).await?;
+    assert_eq!(s.exit_code, 0);
+
+    // Output still went to the CRI log.
+    let log = podkit::read_log(&env.log_dir("attach").join("sh/0.log"))?;
+    assert!(log.contains(&("stdout".into(), "F".into(), "attached".into())), "{log:?}");
+
+    // No attach with stdin to a container without it, nor to one that is not running.
+    let req = AttachRequest { container_id: ctr.clone(), stdout: true, ..Default::default() };
+    let e = env.rt.attach(req).await.expect_err("exited");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    env.remove_pod(&pod).await?;
+    Ok(())
+}
+
+/// A minimal SPDY/3.1 client: the HTTP upgrade, then frames.
+struct Spdy {
+    io: TcpStream,
+    r: FrameReader,
+    w: FrameWriter,
+}
+
+impl Spdy {
+    async fn connect(url: &str, protocol: &str) -> Result<Spdy> {
+        let rest = url.strip_prefix("http://").context("not http")?;
+        let (host, path) = rest.split_once('/').context("no path")?;
+        let mut io = TcpStream::connect(host).await?;
+        let req = format!(
+            "POST /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+             X-Stream-Protocol-Version: {protocol}\r\nContent-Length: 0\r\n\r\n"
+        );
+        io.write_all(req.as_bytes()).await?;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if io.read(&mut b).await? == 0 {
+                bail!("connection closed in the response head: {}", String::from_utf8_lossy(&head));
+            }
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        anyhow::ensure!(head.starts_with("http/1.1 101"), "{head}");
+        anyhow::ensure!(head.contains(&format!("x-stream-protocol-version: {protocol}")), "{head}");
+        Ok(Spdy { io, r: FrameReader::new(), w: FrameWriter::new()? })
+    }
+
+    async fn send(&mut self, f: Frame) -> Result<()> {
+        let mut buf = Vec::new();
+        self.w.encode(&f, &mut buf)?;
+        self.io.write_all(&buf).await?;
+        Ok(())
+    }
+
+    async fn open(&mut self, id: u32, headers: &[(&str, &str)], fin: bool) -> Result<()> {
+        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.send(Frame::SynStream {
+            stream_id: id,
+            associated: 0,
+            priority: 0,
+            fin,
+            unidirectional: false,
+            headers,
+        })
+        .await
+    }
+
+    async fn data(&mut self, id: u32, data: &[u8], fin: bool) -> Result<()> {
+        self.send(Frame::Data { stream_id: id, fin, data: data.to_vec().into() }).await
+    }
+
+    /// Data per stream until `done` (or GOAWAY / the end).
+    async fn collect(
+        &mut self,
+        done: impl Fn(&HashMap<u32, Vec<u8>>) -> bool,
+    ) -> Result<HashMap<u32, Vec<u8>>> {
+        let mut got: HashMap<u32, Vec<u8>> = HashMap::new();
+        let read = async {
+            while let Some(f) = self.r.read(&mut self.io).await? {
+                match f {
+                    Frame::Data { stream_id, data, .. } => {
+                        got.entry(stream_id).or_default().extend_from_slice(&data)
+                    }
+                    Frame::GoAway { .. } => break,
+                    _ => {}
+                }
+                if done(&got) {
+                    break;
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        tokio::time::timeout(Duration::from_secs(60), read).await.context("no end")??;
+        Ok(got)
+    }
+}
+
+fn stream_text(got: &HashMap<u32, Vec<u8>>, id: u32) -> String {
+    String::from_utf8_lossy(got.get(&id).map(Vec::as_slice).unwrap_or_default()).into_owned()
+}
+
+#[tokio::test]
+async fn exec_and_port_forward_over_spdy() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let config = env.pod_config("spdy");
+    let pod = env.run_pod(config.clone()).await?;
+    let script = "mkdir -p /tmp/www && echo spdy-page > /tmp/www/index.html && \
+                  exec /bin/busybox httpd -f -p 8080 -h /tmp/www";
+    let c = env.container_config("httpd", &["/bin/busybox", "sh", "-c", script]);
+    let ctr = env.run(&pod, &config, c).await?;
+
+    // Exec: streams opened as client-go's v4 does (error first).
+    let url =
+        exec_url(&mut env, exec_req(&ctr, &["/bin/sh", "-c", "cat; echo e >&2; exit 7"])).await?;
+    let mut s = Spdy::connect(&url, "v4.channel.k8s.io").await?;
+    s.open(1, &[("streamType", "error")], false).await?;
+    s.open(3, &[("streamType", "stdin")], false).await?;
+    s.open(5, &[("streamType", "stdout")], false).await?;
+    s.open(7, &[("streamType", "stderr")], false).await?;
+    s.data(3, b"via spdy", true).await?;
+    let got = s.collect(|_| false).await?;
+    assert_eq!(stream_text(&got, 5), "via spdy");
+    assert_eq!(stream_text(&got, 7), "e\n");
+    let status: serde_json::Value = serde_json::from_str(&stream_text(&got, 1))?;
+    assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
+    assert_eq!(status["details"]["causes"][0]["message"], "7");
+
+    // Port-forward: a data and an error stream per request id.
+    for _ in 0..50 {
+        let r = env
+            .exec(&ctr, &["/bin/busybox", "wget", "-q", "-O-", "http://127.0.0.1:8080/"], 10)
+            .await?;
+        if r.exit_code == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let req = PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![8080] };
+    let url = env.rt.port_forward(req).await?.into_inner().url;
+    let mut s = Spdy::connect(&url, "portforward.k8s.io").await?;
+    s.open(1, &[("streamType", "error"), ("port", "8080"), ("requestID", "0")], true).await?;
+    s.open(3, &[("streamType", "data"), ("port", "8080"), ("requestID", "0")], false).await?;
+    s.data(3, b"GET / HTTP/1.0\r\n\r\n", false).await?;
+    let got = s.collect(|g| stream_text(g, 3).contains("spdy-page")).await?;
+    assert!(stream_text(&got, 3).starts_with("HTTP/1."), "{got:?}");
+    // A closed port: the error stream says so.
+    s.open(5, &[("streamType", "error"), ("port", "9"), ("requestID", "1")], true).await?;
+    s.open(7, &[("streamType", "data"), ("port", "9"), ("requestID", "1")], false).await?;
+    let got = s.collect(|g| !stream_text(g, 5).is_empty()).await?;
+    assert!(stream_text(&got, 5).contains("port 9"), "{got:?}");
+
+    env.remove_pod(&pod).await?;
+    Ok(())
 }

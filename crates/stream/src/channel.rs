@@ -37,12 +37,34 @@ pub(crate) struct OutStream {
 impl OutStream {
     /// Sends `data`, waiting while the connection's queue is full.
     pub(crate) async fn write(&self, data: Bytes) -> Result<(), StreamError> {
+        count_bytes("out", data.len());
         self.tx.send(Out::Data(self.id, data)).await.map_err(|_| StreamError::Gone)
     }
 
     /// Ends the stream.
     pub(crate) async fn close(self) {
         let _ = self.tx.send(Out::Close(self.id)).await;
+    }
+}
+
+/// Counts streamed bytes for the metrics.
+pub(crate) fn count_bytes(direction: &str, n: usize) {
+    berth_metrics::metrics().stream_bytes.with_label_values(&[direction]).inc_by(n as u64);
+}
+
+/// Counts a session as open while it lives.
+pub(crate) struct SessionGauge(&'static str);
+
+impl SessionGauge {
+    pub(crate) fn open(kind: &'static str) -> Self {
+        berth_metrics::metrics().stream_sessions.with_label_values(&[kind]).inc();
+        SessionGauge(kind)
+    }
+}
+
+impl Drop for SessionGauge {
+    fn drop(&mut self) {
+        berth_metrics::metrics().stream_sessions.with_label_values(&[self.0]).dec();
     }
 }
 

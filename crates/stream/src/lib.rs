@@ -12,7 +12,7 @@ mod exec;
 mod netns;
 mod portforward;
 mod server;
-mod spdy;
+pub mod spdy;
 mod token;
 mod ws;
 

@@ -199,6 +199,7 @@ impl StreamServer {
         request: Request,
         ports: Option<Vec<u16>>,
     ) {
+        let _open = crate::channel::SessionGauge::open(request.kind());
         let job = match request {
             Request::Exec(r) => Job::Exec(StreamExec {
                 container_id: r.container_id,

@@ -136,6 +136,7 @@ where
             _ => continue,
         };
         let Some(&ch) = data.first() else { continue };
+        crate::channel::count_bytes("in", data.len() - 1);
         if v5 && ch == CLOSE_CHANNEL {
             if let Some(closed) = data.get(1) {
                 senders.remove(closed);

@@ -117,6 +117,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
             Frame::Data { stream_id, fin, data } => {
+                crate::channel::count_bytes("in", data.len());
                 let len = data.len() as u32;
                 if let Some(tx) = inputs.get(&stream_id)
                     && !data.is_empty()

@@ -15,7 +15,7 @@ use crate::StreamError;
 /// The SPDY version we speak.
 const VERSION: u16 = 3;
 /// Last frame of a stream from its sender.
-pub(crate) const FLAG_FIN: u8 = 0x01;
+pub const FLAG_FIN: u8 = 0x01;
 /// SYN_STREAM: the receiver may not send on it.
 const FLAG_UNIDIRECTIONAL: u8 = 0x02;
 /// Largest decompressed header block we accept: the headers here are a handful of short ones.
@@ -36,11 +36,12 @@ pub(crate) const RST_PROTOCOL_ERROR: u32 = 1;
 pub(crate) const RST_CANCEL: u32 = 5;
 
 /// Header names (lower case, as SPDY/3 requires) and values.
-pub(crate) type Headers = Vec<(String, String)>;
+pub type Headers = Vec<(String, String)>;
 
-/// One SPDY frame.
+/// One SPDY frame (stream ids without their reserved top bit).
+#[allow(missing_docs)] // the fields are the spec's
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Frame {
+pub enum Frame {
     SynStream {
         stream_id: u32,
         associated: u32,
@@ -89,17 +90,19 @@ pub(crate) enum Frame {
 }
 
 /// Reads frames, inflating header blocks with the connection's receive-side zlib stream.
-pub(crate) struct FrameReader {
+pub struct FrameReader {
     inflate: Decompress,
 }
 
 impl FrameReader {
-    pub(crate) fn new() -> Self {
+    /// A reader at the start of a connection.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
         FrameReader { inflate: Decompress::new(true) }
     }
 
     /// The next frame; `None` at a clean end of the connection between frames.
-    pub(crate) async fn read<R: AsyncRead + Unpin>(
+    pub async fn read<R: AsyncRead + Unpin>(
         &mut self,
         r: &mut R,
     ) -> Result<Option<Frame>, StreamError> {
@@ -115,7 +118,7 @@ impl FrameReader {
     }
 
     /// A frame from its 8-byte head and its body.
-    pub(crate) fn decode(&mut self, head: [u8; 8], body: Vec<u8>) -> Result<Frame, StreamError> {
+    pub fn decode(&mut self, head: [u8; 8], body: Vec<u8>) -> Result<Frame, StreamError> {
         let flags = head[4];
         let fin = flags & FLAG_FIN != 0;
         if head[0] & 0x80 == 0 {
@@ -212,12 +215,13 @@ impl FrameReader {
 }
 
 /// Writes frames, deflating header blocks with the connection's send-side zlib stream.
-pub(crate) struct FrameWriter {
+pub struct FrameWriter {
     deflate: Compress,
 }
 
 impl FrameWriter {
-    pub(crate) fn new() -> Result<Self, StreamError> {
+    /// A writer at the start of a connection.
+    pub fn new() -> Result<Self, StreamError> {
         let mut deflate = Compress::new(Compression::default(), true);
         deflate
             .set_dictionary(dictionary())
@@ -226,7 +230,7 @@ impl FrameWriter {
     }
 
     /// Appends `frame`'s bytes to `out`.
-    pub(crate) fn encode(&mut self, frame: &Frame, out: &mut Vec<u8>) -> Result<(), StreamError> {
+    pub fn encode(&mut self, frame: &Frame, out: &mut Vec<u8>) -> Result<(), StreamError> {
         let mut body = Vec::new();
         let (kind, flags) = match frame {
             Frame::Data { stream_id, fin, data } => {
