@@ -191,7 +191,7 @@ impl EmbeddedShim {
         }
         cmd.arg("--bundle").arg(&t.bundle).arg("--pid-file").arg(&pid_file);
         if let Some(console) = &console {
-            cmd.arg("--console-socket").arg(console.path());
+            cmd.arg("--console-socket").arg(console.connect_path());
         }
         cmd.arg(&id);
         let mut stdin_keep: Option<OwnedFd> = None;

@@ -89,7 +89,7 @@ pub async fn start_exec(spec: ExecSpec<'_>) -> Result<StreamingExec, ShimError> 
     let mut ours = Ends::default();
     let console = if spec.tty {
         let console = ConsoleSocket::bind(spec.work_dir)?;
-        cmd.arg("--tty").arg("--console-socket").arg(console.path());
+        cmd.arg("--tty").arg("--console-socket").arg(console.connect_path());
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         Some(console)
     } else {
