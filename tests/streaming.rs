@@ -135,18 +135,21 @@ async fn exec_with_a_tty_sees_resizes() -> Result<()> {
     }
     let mut env = Env::start().await?;
     let (pod, ctr) = sleeper(&mut env, "wstty").await?;
-    let mut req = exec_req(&ctr, &["/bin/sh", "-c", "read x; stty size; tty"]);
+    let mut req = exec_req(&ctr, &["/bin/sh", "-c", "stty size; read x; stty size; tty"]);
     req.tty = true;
     req.stderr = false;
     let url = exec_url(&mut env, req).await?;
     let mut ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    // The first size is there from the start; a later one applies while it runs.
     send(&mut ws, 4, br#"{"Width":123,"Height":45}"#).await?;
+    collect_until(&mut ws, |g| text(g, 1).contains("45 123")).await?;
+    send(&mut ws, 4, br#"{"Width":100,"Height":20}"#).await?;
     // Let the resize land before the shell reads its line.
     tokio::time::sleep(Duration::from_millis(300)).await;
     send(&mut ws, 0, b"go\n").await?;
     let got = collect(&mut ws).await?;
     let out = text(&got, 1);
-    assert!(out.contains("45 123"), "{out:?}");
+    assert!(out.contains("20 100"), "{out:?}");
     assert!(out.contains("/dev/pts/"), "{out:?}");
     assert!(!got.contains_key(&2), "a tty has no separate stderr");
     assert_eq!(text(&got, 3), r#"{"metadata":{},"status":"Success"}"#);

@@ -32,6 +32,9 @@ pub struct StreamExec {
     pub stdout: bool,
     /// Wire up stderr (not with a tty).
     pub stderr: bool,
+    /// The terminal's size to start with, (width, height): a command that looks at once
+    /// must not see 0x0 before the client's first resize lands.
+    pub console_size: Option<(u16, u16)>,
 }
 
 /// What an attach session connects to.
@@ -65,8 +68,17 @@ impl<S: Shim + 'static> Runtime<S> {
         }
         let entry = self.running(&exec.container_id, "exec in it")?;
         let spec = self.read_spec(&entry)?;
-        let process = berth_oci::exec_process(&spec, &exec.cmd, exec.tty)
+        let mut process = berth_oci::exec_process(&spec, &exec.cmd, exec.tty)
             .map_err(RuntimeError::ContainerConfig)?;
+        if let (true, Some((width, height))) = (exec.tty, exec.console_size) {
+            // The builder has defaults for every field, so it cannot fail.
+            let size = oci_spec::runtime::BoxBuilder::default()
+                .width(u64::from(width))
+                .height(u64::from(height))
+                .build()
+                .ok();
+            process.set_console_size(size);
+        }
         let json = serde_json::to_vec(&process)
             .map_err(|source| RuntimeError::Serialize { what: "exec process", source })?;
         let work_dir = self.config.state_dir.join("exec");

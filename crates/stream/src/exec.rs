@@ -15,6 +15,8 @@ use crate::channel::{CHUNK, InStream, OutStream};
 /// After the process exits, how long its output may still be drained (a background child of
 /// it may hold the pipe).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How long a tty exec waits for the client's first size before starting without one.
+const FIRST_SIZE_WAIT: Duration = Duration::from_millis(500);
 /// How long a killed process gets to be reaped.
 const KILL_GRACE: Duration = Duration::from_secs(10);
 
@@ -47,12 +49,20 @@ pub(crate) enum Outcome {
 /// which kills it), then reports the outcome.
 pub(crate) async fn run(
     runtime: &Runtime,
-    exec: StreamExec,
+    mut exec: StreamExec,
     mut io: ExecIo,
     gone: watch::Receiver<bool>,
 ) {
+    // Clients send the terminal's size as soon as the streams are up: start with it.
+    let mut sizes = SizeParser::default();
+    if exec.tty
+        && let Some(resize) = io.resize.as_mut()
+        && let Ok(Some(first)) = tokio::time::timeout(FIRST_SIZE_WAIT, resize.recv()).await
+    {
+        exec.console_size = sizes.push(&first).last().copied();
+    }
     let outcome = match runtime.exec_streaming(&exec).await {
-        Ok(process) => pump(process, &mut io, gone).await,
+        Ok(process) => pump(process, &mut io, gone, sizes).await,
         Err(e) => Outcome::Failed(e.to_string()),
     };
     finish(io, outcome).await;
@@ -75,6 +85,7 @@ async fn pump(
     mut p: berth_shim::StreamingExec,
     io: &mut ExecIo,
     mut gone: watch::Receiver<bool>,
+    sizes: SizeParser,
 ) -> Outcome {
     let pid = p.pid;
     let stdin = match (io.stdin.take(), p.stdin.take()) {
@@ -82,7 +93,7 @@ async fn pump(
         _ => None,
     };
     let resize = match (io.resize.take(), p.pty.as_ref().map(OwnedFd::try_clone)) {
-        (Some(input), Some(Ok(pty))) => Some(tokio::spawn(resizes(input, pty))),
+        (Some(input), Some(Ok(pty))) => Some(tokio::spawn(resizes(input, pty, sizes))),
         _ => None,
     };
     let mut readers = Vec::new();
@@ -177,8 +188,7 @@ struct Size {
 }
 
 /// Applies the sizes sent on the resize stream.
-async fn resizes(mut input: InStream, pty: OwnedFd) {
-    let mut sizes = SizeParser::default();
+async fn resizes(mut input: InStream, pty: OwnedFd, mut sizes: SizeParser) {
     while let Some(data) = input.recv().await {
         for (width, height) in sizes.push(&data) {
             if let Err(e) = berth_shim::resize_pty(&pty, width, height) {

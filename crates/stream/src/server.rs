@@ -208,6 +208,7 @@ impl StreamServer {
                 stdin: r.stdin,
                 stdout: r.stdout,
                 stderr: r.stderr,
+                console_size: None,
             }),
             Request::Attach(r) => Job::Attach(r),
             Request::PortForward(r) => return self.port_forward(io, protocol, r, ports).await,

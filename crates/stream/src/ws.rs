@@ -1,7 +1,8 @@
 //! The Kubernetes channel protocols over WebSocket: every binary message starts with its
 //! channel byte (exec: 0 stdin, 1 stdout, 2 stderr, 3 error, 4 resize; port-forward: 2n data
 //! and 2n+1 error of the n-th port). `v5.channel.k8s.io` adds channel 255, whose message
-//! `[255, n]` closes channel n (so stdin can be closed without closing the connection).
+//! `[255, n]` from the client closes channel n (so stdin can be closed without closing the
+//! connection).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -52,7 +53,7 @@ impl WsConnection {
             senders.insert(ch, tx);
             receivers.insert(ch, rx);
         }
-        let writer = tokio::spawn(write_loop(sink, out_rx, v5));
+        let writer = tokio::spawn(write_loop(sink, out_rx));
         let reader = tokio::spawn(async move {
             read_loop(stream, senders, v5).await;
             let _ = gone_tx.send(true);
@@ -152,7 +153,7 @@ where
     }
 }
 
-async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Out>, v5: bool)
+async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Out>)
 where
     S: futures::Sink<Message> + Unpin,
 {
@@ -164,7 +165,8 @@ where
                 b.put_slice(&data);
                 Message::Binary(b.freeze())
             }
-            Out::Close(ch) if v5 => Message::Binary(Bytes::from(vec![CLOSE_CHANNEL, ch as u8])),
+            // The end of an output channel is the end of the connection: client-go's
+            // executor takes a close message from the server for an unknown stream.
             Out::Close(_) | Out::Control(_) => continue,
             Out::Shutdown => {
                 // A normal closure: Go's clients take 1005 (no status) as an error.
