@@ -489,3 +489,47 @@ async fn exec_and_port_forward_over_spdy() -> Result<()> {
     env.remove_pod(&pod).await?;
     Ok(())
 }
+
+/// berthd's resident memory in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+}
+
+#[tokio::test]
+async fn a_slow_reader_keeps_memory_bounded() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let (pod, ctr) = sleeper(&mut env, "slow").await?;
+    let pid = env.d.pid().context("berthd pid")?;
+    let mut req = exec_req(&ctr, &["/bin/busybox", "cat", "/dev/zero"]);
+    req.stdin = false;
+    let url = exec_url(&mut env, req).await?;
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    // Read a little, then stop reading while the process could write gigabytes.
+    let got = collect_until(&mut ws, |g| g.get(&1).is_some_and(|d| d.len() > 1 << 20)).await?;
+    assert!(got[&1].iter().all(|&b| b == 0));
+    let before = rss_kib(pid)?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(pid)?;
+    assert!(after < before + 32 * 1024, "berthd grew from {before} KiB to {after} KiB");
+    // And it is still streaming when the reader comes back.
+    let more = collect_until(&mut ws, |g| g.get(&1).is_some_and(|d| d.len() > 4 << 20)).await?;
+    assert!(more[&1].len() > 4 << 20);
+    drop(ws);
+    let mut gone = false;
+    for _ in 0..100 {
+        let out = env.exec(&ctr, &["/bin/busybox", "ps"], 10).await?;
+        if !String::from_utf8_lossy(&out.stdout).contains("cat /dev/zero") {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the exec outlived its client");
+    env.remove_pod(&pod).await?;
+    Ok(())
+}
