@@ -295,11 +295,13 @@ impl StreamServer {
             };
             let slot_in = |slot: &mut Option<_>, input| slot.replace(input).is_none();
             let slot_out = |slot: &mut Option<OutStream>, out| slot.replace(out).is_none();
+            // Only the streams the request asked for count (and are used); others are
+            // dropped, which ends them for the client.
             let new = match s.header("streamtype") {
-                Some("stdin") => slot_in(&mut io.stdin, s.input),
-                Some("resize") => slot_in(&mut io.resize, s.input),
-                Some("stdout") => slot_out(&mut io.stdout, s.output),
-                Some("stderr") => slot_out(&mut io.stderr, s.output),
+                Some("stdin") if stdin => slot_in(&mut io.stdin, s.input),
+                Some("resize") if resize => slot_in(&mut io.resize, s.input),
+                Some("stdout") if stdout => slot_out(&mut io.stdout, s.output),
+                Some("stderr") if stderr && !tty => slot_out(&mut io.stderr, s.output),
                 Some("error") => slot_out(&mut io.error, s.output),
                 _ => false,
             };
