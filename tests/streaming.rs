@@ -533,3 +533,42 @@ async fn a_slow_reader_keeps_memory_bounded() -> Result<()> {
     env.remove_pod(&pod).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn attach_survives_a_berthd_restart_with_the_external_shim() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let options = berth_e2e::Options { shim: Some("external".into()), ..Default::default() };
+    let mut env = Env::start_with(options).await?;
+    let config = env.pod_config("reattach");
+    let pod = env.run_pod(config.clone()).await?;
+    let mut c = env.container_config("sh", &["/bin/sh"]);
+    c.stdin = true;
+    let ctr = env.run(&pod, &config, c).await?;
+
+    env.d.restart().await?;
+    env.rt = env.d.runtime().await?;
+
+    let attach = |ctr: &str| AttachRequest {
+        container_id: ctr.to_owned(),
+        stdin: true,
+        stdout: true,
+        stderr: false,
+        tty: false,
+    };
+    let url = env.rt.attach(attach(&ctr)).await?.into_inner().url;
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    send(&mut ws, 0, b"echo after-restart\n").await?;
+    collect_until(&mut ws, |g| text(g, 1).contains("after-restart")).await?;
+    drop(ws);
+    // Without stdin_once, stdin stays open for the next attach.
+    let url = env.rt.attach(attach(&ctr)).await?.into_inner().url;
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    send(&mut ws, 0, b"echo again; exit 4\n").await?;
+    let got = collect(&mut ws).await?;
+    assert!(text(&got, 1).contains("again"), "{got:?}");
+    assert_eq!(env.wait_exited(&ctr, Duration::from_secs(10)).await?.exit_code, 4);
+    env.remove_pod(&pod).await?;
+    Ok(())
+}
