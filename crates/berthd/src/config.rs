@@ -21,6 +21,8 @@ pub struct Config {
     pub log_level: String,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// The streaming server for Exec and PortForward.
+    pub stream: StreamSection,
     /// Image pulls.
     pub image: ImageSection,
     /// Registry mirrors and plain-HTTP hosts.
@@ -152,6 +154,23 @@ pub struct MetricsConfig {
     pub address: String,
 }
 
+/// `[stream]`: where Exec and PortForward URLs point. The kubelet (or crictl) connects there,
+/// so it must be reachable from them; the default keeps it on loopback, as containerd does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamSection {
+    /// IP address to listen on.
+    pub address: String,
+    /// TCP port; 0 picks a free one at each start.
+    pub port: u16,
+}
+
+impl Default for StreamSection {
+    fn default() -> Self {
+        Self { address: "127.0.0.1".to_string(), port: 0 }
+    }
+}
+
 /// `[image]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -178,6 +197,7 @@ impl Default for Config {
             listen: PathBuf::from("/run/berth/berth.sock"),
             log_level: "info".to_string(),
             metrics: MetricsConfig::default(),
+            stream: StreamSection::default(),
             image: ImageSection::default(),
             registry: RegistrySection::default(),
             runtime: RuntimeSection::default(),

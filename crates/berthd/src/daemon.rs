@@ -136,16 +136,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .context("cannot set up pod networking")?;
     runtime.set_network(Arc::new(network)).await;
 
-    let readiness = Readiness::default();
-    let (runtime_service, image_service) = berth_cri::services(berth_cri::Backends {
-        images: images.clone(),
-        runtime: runtime.clone(),
-    });
-
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+
+    let stream = berth_stream::StreamServer::bind(
+        &berth_stream::StreamConfig {
+            address: config.stream.address.clone(),
+            port: config.stream.port,
+        },
+        runtime.clone(),
+    )
+    .await
+    .context("cannot start the streaming server")?;
+    tracing::info!(url = stream.base_url(), "streaming server for exec and port-forward");
+    let stream_task = tokio::spawn(stream.clone().serve(stopped(stop_rx.clone())));
+
+    let readiness = Readiness::default();
+    let (runtime_service, image_service) = berth_cri::services(berth_cri::Backends {
+        images: images.clone(),
+        runtime: runtime.clone(),
+        stream: Some(stream),
+    });
 
     let metrics_task = match config.metrics_address()? {
         Some(address) => {
@@ -197,6 +210,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     scavenger.abort();
+    let _ = stream_task.await;
     if let Err(e) = std::fs::remove_file(&config.listen) {
         tracing::warn!(error = %e, "cannot remove the CRI socket");
     }

@@ -13,6 +13,7 @@ pub mod instrument;
 mod pod_sandbox;
 mod runtime_server;
 mod runtime_service;
+mod streaming;
 
 use std::sync::Arc;
 
@@ -35,6 +36,9 @@ pub struct Backends {
     pub images: Arc<ImageStore>,
     /// Pod sandboxes and containers.
     pub runtime: Arc<berth_runtime::Runtime>,
+    /// The streaming server Exec and PortForward hand out URLs on (`None`: those calls
+    /// answer `Unimplemented`).
+    pub stream: Option<Arc<berth_stream::StreamServer>>,
 }
 
 /// Both CRI gRPC services, ready to add to a tonic server.

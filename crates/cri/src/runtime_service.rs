@@ -9,7 +9,7 @@ use crate::{Backends, CRI_API_VERSION, RUNTIME_NAME};
 
 /// The CRI `RuntimeService` over berth's runtime.
 pub struct RuntimeApi {
-    backends: Backends,
+    pub(crate) backends: Backends,
 }
 
 impl RuntimeApi {
@@ -204,22 +204,22 @@ impl RuntimeService for RuntimeApi {
         Ok(Response::new(self.do_exec_sync(request.into_inner()).await?))
     }
 
-    async fn exec(&self, _request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        unimplemented("Exec")
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        Ok(Response::new(self.do_exec(request.into_inner())?))
     }
 
     async fn attach(
         &self,
-        _request: Request<AttachRequest>,
+        request: Request<AttachRequest>,
     ) -> Result<Response<AttachResponse>, Status> {
-        unimplemented("Attach")
+        Ok(Response::new(self.do_attach(request.into_inner())?))
     }
 
     async fn port_forward(
         &self,
-        _request: Request<PortForwardRequest>,
+        request: Request<PortForwardRequest>,
     ) -> Result<Response<PortForwardResponse>, Status> {
-        unimplemented("PortForward")
+        Ok(Response::new(self.do_port_forward(request.into_inner())?))
     }
 
     async fn container_stats(

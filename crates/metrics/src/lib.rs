@@ -33,6 +33,10 @@ pub struct Metrics {
     pub sandboxes: IntGaugeVec,
     /// Containers killed by the kernel's OOM killer.
     pub oom_kills: IntCounter,
+    /// Streaming sessions open, by kind (`exec`, `attach`, `portforward`).
+    pub stream_sessions: IntGaugeVec,
+    /// Bytes streamed, by direction (`in`: from clients, `out`: to them).
+    pub stream_bytes: IntCounterVec,
     registry: Registry,
 }
 
@@ -86,6 +90,17 @@ impl Metrics {
             "berth_container_oom_kills_total",
             "Containers killed by the kernel's OOM killer.",
         ));
+        let stream_sessions = must(IntGaugeVec::new(
+            Opts::new("berth_stream_sessions", "Streaming sessions open, by kind."),
+            &["kind"],
+        ));
+        let stream_bytes = must(IntCounterVec::new(
+            Opts::new(
+                "berth_stream_bytes_total",
+                "Bytes streamed by exec, attach and port-forward sessions, by direction.",
+            ),
+            &["direction"],
+        ));
         for c in [
             Box::new(cri_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(cri_errors.clone()),
@@ -95,6 +110,8 @@ impl Metrics {
             Box::new(containers.clone()),
             Box::new(sandboxes.clone()),
             Box::new(oom_kills.clone()),
+            Box::new(stream_sessions.clone()),
+            Box::new(stream_bytes.clone()),
         ] {
             must(registry.register(c));
         }
@@ -107,6 +124,8 @@ impl Metrics {
             containers,
             sandboxes,
             oom_kills,
+            stream_sessions,
+            stream_bytes,
             registry,
         }
     }

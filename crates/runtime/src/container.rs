@@ -450,6 +450,7 @@ impl<S: Shim + 'static> Runtime<S> {
                 memory_cgroup: Some(cgroups::memory_dir(&m.cgroups_path, self.cgroup_v2)),
                 tty: m.config.tty,
                 stdin: m.config.stdin,
+                stdin_once: m.config.stdin_once,
                 start: true,
             })
             .await

@@ -12,7 +12,11 @@ use crate::util::{process_alive, write_atomic, write_volatile};
 use crate::{ContainerEntry, Runtime};
 
 impl<S: Shim + 'static> Runtime<S> {
-    fn running(&self, id: &str, action: &'static str) -> Result<std::sync::Arc<ContainerEntry>> {
+    pub(crate) fn running(
+        &self,
+        id: &str,
+        action: &'static str,
+    ) -> Result<std::sync::Arc<ContainerEntry>> {
         let entry = self
             .find_container(id)
             .ok_or_else(|| RuntimeError::ContainerNotFound(id.to_owned()))?;
@@ -27,7 +31,7 @@ impl<S: Shim + 'static> Runtime<S> {
         Ok(entry)
     }
 
-    fn read_spec(&self, entry: &ContainerEntry) -> Result<oci_spec::runtime::Spec> {
+    pub(crate) fn read_spec(&self, entry: &ContainerEntry) -> Result<oci_spec::runtime::Spec> {
         let path = entry.meta.bundle.join("config.json");
         let bytes = std::fs::read(&path).map_err(RuntimeError::io("read", &path))?;
         serde_json::from_slice(&bytes)

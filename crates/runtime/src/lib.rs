@@ -35,6 +35,7 @@ mod shm;
 pub mod state;
 mod stats;
 mod store;
+mod stream;
 mod util;
 
 use std::collections::{BTreeMap, HashMap};
@@ -52,6 +53,7 @@ pub use error::{ErrorClass, Result, RuntimeError};
 pub use net_runner::ReaperCommandRunner;
 pub use records::{ContainerMeta, ContainerStatus, ProcessRef, SandboxMeta, SandboxStatus};
 pub use recovery::RecoveryReport;
+pub use stream::{AttachTarget, PodNetwork, StreamExec};
 
 use crate::events::Events;
 use crate::names::Names;

@@ -22,8 +22,15 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A listening console socket; its file is removed on drop.
 pub(crate) struct ConsoleSocket {
+    /// Where the file is.
     path: PathBuf,
+    /// The name the runtime connects to: through our descriptor of the directory, as
+    /// `/proc/<our pid>/fd/<n>/<name>`, because the real path can exceed the 108 bytes of a
+    /// socket address (state dirs nest pod and container ids).
+    short: PathBuf,
     listener: UnixListener,
+    /// Keeps `short` valid.
+    _dir: std::fs::File,
 }
 
 impl ConsoleSocket {
@@ -36,17 +43,24 @@ impl ConsoleSocket {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(|source| ShimError::Io {
+        let err = |source| ShimError::Io {
             action: "listen on console socket",
             path: path.clone(),
             source,
-        })?;
-        Ok(ConsoleSocket { path, listener })
+        };
+        let dir_file = std::fs::File::open(dir).map_err(err)?;
+        let name = path.file_name().map(PathBuf::from).unwrap_or_default();
+        let fd = dir_file.as_raw_fd().to_string();
+        let listener =
+            UnixListener::bind(Path::new("/proc/self/fd").join(&fd).join(&name)).map_err(err)?;
+        let short =
+            Path::new("/proc").join(std::process::id().to_string()).join("fd").join(fd).join(name);
+        Ok(ConsoleSocket { path, short, listener, _dir: dir_file })
     }
 
-    /// The socket's path, for `--console-socket`.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
+    /// The name for `--console-socket`: short, through our descriptor of the directory.
+    pub(crate) fn connect_path(&self) -> &Path {
+        &self.short
     }
 
     /// Receives the pty master the runtime sent (it did so before exiting, so it is waiting

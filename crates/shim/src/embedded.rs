@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::adopt::{self, PidFd, TaskFile};
+use crate::attach::{self, AttachIo};
 use crate::console::{ConsoleSocket, master_reader};
 use crate::log::{LogWriter, Stream, copy_stream};
 use crate::oom::{OomBaseline, OomCounter};
@@ -194,7 +195,7 @@ impl EmbeddedShim {
         }
         cmd.arg("--bundle").arg(&t.bundle).arg("--pid-file").arg(&pid_file);
         if let Some(console) = &console {
-            cmd.arg("--console-socket").arg(console.path());
+            cmd.arg("--console-socket").arg(console.connect_path());
         }
         cmd.arg(&id);
         let mut stdin_keep: Option<OwnedFd> = None;
@@ -211,16 +212,15 @@ impl EmbeddedShim {
         let mut readers = Vec::new();
         if console.is_some() {
             // stdio is /dev/null already.
-        } else if log.is_some() {
+        } else {
+            // Read even without a log file: attach sessions see it.
             let (out_rx, out_tx) = pipe("create stdout pipe")?;
             let (err_rx, err_tx) = pipe("create stderr pipe")?;
             cmd.stdout(Stdio::from(out_tx)).stderr(Stdio::from(err_tx));
             readers.push((out_rx, Stream::Stdout));
             readers.push((err_rx, Stream::Stderr));
-        } else {
-            // Nobody will read it: don't make the container block on a full pipe.
-            cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }
+        let output = attach::output();
         let display = display_command(&cmd);
         // Before the runtime makes the cgroup: a kill during the start is the task's own.
         let oom_baseline = t.memory_cgroup.as_deref().map(OomBaseline::before_create);
@@ -238,7 +238,9 @@ impl EmbeddedShim {
 
         let mut copiers: Vec<JoinHandle<()>> = readers
             .into_iter()
-            .map(|(rx, stream)| tokio::spawn(copy_stream(rx, stream, log.clone())))
+            .map(|(rx, stream)| {
+                tokio::spawn(copy_stream(rx, stream, log.clone(), Some(output.clone())))
+            })
             .collect();
 
         let reaped = match wait_or_kill(
@@ -274,15 +276,25 @@ impl EmbeddedShim {
                 return Err(e);
             }
         };
+        let mut pty = None;
         if let Some(console) = &console {
             let master = match console.receive_master(CONSOLE_BOUND).await {
-                Ok(m) => master_reader(m),
+                Ok(m) => {
+                    // A second descriptor for attach sessions' stdin and resizes.
+                    pty = m.try_clone().ok();
+                    master_reader(m)
+                }
                 Err(e) => Err(e),
             };
             match master {
                 // Without a log file the output is still read (and dropped), or the
                 // container would block once the pty buffer fills.
-                Ok(rx) => copiers.push(tokio::spawn(copy_stream(rx, Stream::Stdout, log.clone()))),
+                Ok(rx) => copiers.push(tokio::spawn(copy_stream(
+                    rx,
+                    Stream::Stdout,
+                    log.clone(),
+                    Some(output.clone()),
+                ))),
                 Err(e) => {
                     abandon(&runtime, &id, &dir, &copiers).await;
                     return Err(e);
@@ -328,6 +340,18 @@ impl EmbeddedShim {
             }
         }
         let (exit_tx, exit_rx) = watch::channel(None);
+        let stdin = Arc::new(Mutex::new(stdin_keep));
+        let attach_io = AttachIo {
+            stdin: stdin.clone(),
+            pty,
+            stdin_once: t.stdin_once,
+            output,
+            exit: exit_rx.clone(),
+        };
+        match attach::serve(&t.bundle, attach_io) {
+            Ok(h) => background.push(h.abort_handle()),
+            Err(e) => tracing::warn!(id, error = %e, "no attach socket"),
+        }
         tokio::spawn(monitor_exit(
             id.clone(),
             pid,
@@ -345,7 +369,7 @@ impl EmbeddedShim {
             exit: exit_rx,
             log,
             oom,
-            stdin: Mutex::new(stdin_keep),
+            stdin,
             background: Mutex::new(background),
             record,
             pidfd: None,
@@ -482,7 +506,7 @@ impl EmbeddedShim {
             exit: exit_rx,
             log,
             oom,
-            stdin: Mutex::new(None),
+            stdin: Arc::new(Mutex::new(None)),
             background: Mutex::new(background),
             record: Some(rec),
             pidfd,

@@ -33,14 +33,14 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 static EXEC_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Per-exec files in the task's state directory, removed on drop.
-struct ExecFiles {
-    process: PathBuf,
-    pid: PathBuf,
-    log: PathBuf,
+pub(crate) struct ExecFiles {
+    pub(crate) process: PathBuf,
+    pub(crate) pid: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
 impl ExecFiles {
-    fn new(task_dir: &Path) -> Self {
+    pub(crate) fn new(task_dir: &Path) -> Self {
         // Unique within this process (counter) and across restarts (time).
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let stem = format!("exec-{nanos:x}-{}", EXEC_SEQ.fetch_add(1, Ordering::Relaxed));
@@ -51,8 +51,22 @@ impl ExecFiles {
         }
     }
 
+    /// Writes the process JSON for `--process` (a fresh file: never another exec's).
+    pub(crate) fn write_process(&self, json: &[u8]) -> Result<(), ShimError> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&self.process)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, json))
+            .map_err(|source| ShimError::Io {
+                action: "write exec process",
+                path: self.process.clone(),
+                source,
+            })
+    }
+
     /// The PID the runtime wrote, if it has.
-    fn read_pid(&self) -> Option<i32> {
+    pub(crate) fn read_pid(&self) -> Option<i32> {
         std::fs::read_to_string(&self.pid).ok()?.trim().parse().ok().filter(|&p: &i32| p > 0)
     }
 }
@@ -127,16 +141,7 @@ pub(crate) async fn exec_sync_json(
     timeout: Option<Duration>,
 ) -> Result<ExecOutput, ShimError> {
     let files = ExecFiles::new(task_dir);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&files.process)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, json))
-        .map_err(|source| ShimError::Io {
-            action: "write exec process",
-            path: files.process.clone(),
-            source,
-        })?;
+    files.write_process(json)?;
 
     let (out_rx, out_tx) = pipe("create exec stdout pipe")?;
     let (err_rx, err_tx) = pipe("create exec stderr pipe")?;

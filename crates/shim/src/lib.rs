@@ -18,11 +18,13 @@ use std::time::{Duration, SystemTime};
 
 mod adopt;
 mod any;
+pub mod attach;
 pub mod command;
 mod console;
 mod embedded;
 mod error;
 mod exec;
+mod exec_stream;
 pub mod external;
 pub mod log;
 pub mod oom;
@@ -38,6 +40,7 @@ pub use command::run_with_input;
 pub use embedded::{EmbeddedShim, validate_id};
 pub use error::ShimError;
 pub use exec::EXEC_OUTPUT_CAP;
+pub use exec_stream::{ExecSpec, StreamingExec, kill_exec, resize_pty, start_exec};
 pub use external::{ExternalShim, RecoveredTask};
 pub use reaper::{Captured, Reaper, become_subreaper, run_captured};
 
@@ -73,8 +76,10 @@ pub struct CreateTask {
     pub memory_cgroup: Option<PathBuf>,
     /// Allocate a terminal.
     pub tty: bool,
-    /// Keep stdin open.
+    /// Keep stdin open (attach sessions write to it).
     pub stdin: bool,
+    /// Close stdin once the first attach session that used it ends.
+    pub stdin_once: bool,
     /// Start it as well (`<runtime> run --detach`): one runtime process instead of a
     /// `create` and a `start`, which is how StartContainer makes a task.
     pub start: bool,

@@ -315,7 +315,12 @@ pub(crate) async fn copy_stream(
     mut rx: Receiver,
     stream: Stream,
     log: Option<std::sync::Arc<LogWriter>>,
+    attach: Option<crate::attach::Output>,
 ) {
+    let kind = match stream {
+        Stream::Stdout => crate::attach::FRAME_STDOUT,
+        Stream::Stderr => crate::attach::FRAME_STDERR,
+    };
     let mut splitter = LineSplitter::new(MAX_LINE);
     let mut buf = vec![0u8; COPY_BUF];
     let write = |tag: Tag, content: &[u8]| {
@@ -330,7 +335,15 @@ pub(crate) async fn copy_stream(
     loop {
         match rx.read(&mut buf).await {
             Ok(0) => break,
-            Ok(n) => splitter.push(&buf[..n], write),
+            Ok(n) => {
+                // Attached clients get it as read; nobody attached costs no copy.
+                if let Some(tx) = &attach
+                    && tx.receiver_count() > 0
+                {
+                    let _ = tx.send((kind, buf[..n].into()));
+                }
+                splitter.push(&buf[..n], write)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             // A pty master reads EIO once the last slave fd is closed: that is its EOF.
             Err(e) if e.raw_os_error() == Some(libc::EIO) => break,

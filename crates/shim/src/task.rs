@@ -30,7 +30,7 @@ pub(crate) struct Task {
     /// The container's OOM-kill counter (`None`: no memory cgroup to watch).
     pub(crate) oom: Option<OomCounter>,
     /// Our write end of the container's stdin pipe, kept so stdin stays open.
-    pub(crate) stdin: Mutex<Option<OwnedFd>>,
+    pub(crate) stdin: Arc<Mutex<Option<OwnedFd>>>,
     /// Log copiers and the OOM watcher, stopped on delete.
     pub(crate) background: Mutex<Vec<AbortHandle>>,
     /// The task's record for a later berthd (`None` where none is kept: the external shim

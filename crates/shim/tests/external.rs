@@ -64,6 +64,7 @@ impl Fixture {
             memory_cgroup: None,
             tty: false,
             stdin: false,
+            stdin_once: false,
             start: false,
         }
     }

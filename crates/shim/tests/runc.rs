@@ -42,6 +42,7 @@ impl Fixture {
             memory_cgroup: self.cgroup.clone(),
             tty: false,
             stdin: false,
+            stdin_once: false,
             start: false,
         }
     }

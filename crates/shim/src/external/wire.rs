@@ -95,6 +95,7 @@ pub fn create_request(t: &CreateTask) -> proto::CreateRequest {
         memory_cgroup: t.memory_cgroup.as_deref().map(path_bytes).unwrap_or_default(),
         tty: t.tty,
         stdin: t.stdin,
+        stdin_once: t.stdin_once,
         start: t.start,
     }
 }
@@ -110,6 +111,7 @@ pub fn create_task(r: proto::CreateRequest) -> CreateTask {
         memory_cgroup: opt_path(&r.memory_cgroup),
         tty: r.tty,
         stdin: r.stdin,
+        stdin_once: r.stdin_once,
         start: r.start,
     }
 }
@@ -313,6 +315,7 @@ mod tests {
             memory_cgroup: None,
             tty: true,
             stdin: false,
+            stdin_once: true,
             start: true,
         };
         let back = create_task(create_request(&t));
