@@ -84,12 +84,33 @@ impl NetworkConfig {
                 reason: format!("nat table name {t:?} must be 1-20 of [A-Za-z0-9_-]"),
             });
         }
-        super::ipam::check_subnet(&self.subnet)?;
+        check_subnet(&self.subnet)?;
         if let Some(v6) = &self.subnet_v6 {
-            super::ipam::check_subnet(v6)?;
+            check_subnet(v6)?;
         }
         Ok(())
     }
+}
+
+/// Checks that a subnet is usable: a network address, room for a gateway and a pod.
+pub(crate) fn check_subnet(subnet: &IpNet) -> Result<(), NetworkError> {
+    let max = match subnet {
+        IpNet::V4(_) => 30,
+        IpNet::V6(_) => 126,
+    };
+    if subnet.prefix_len() > max {
+        return Err(NetworkError::InvalidSubnet {
+            cidr: subnet.to_string(),
+            reason: format!("prefix longer than /{max} leaves no room for pods"),
+        });
+    }
+    if subnet.trunc() != *subnet {
+        return Err(NetworkError::InvalidSubnet {
+            cidr: subnet.to_string(),
+            reason: format!("host bits set (did you mean {}?)", subnet.trunc()),
+        });
+    }
+    Ok(())
 }
 
 /// Transport protocol of a port mapping.
@@ -238,6 +259,18 @@ mod tests {
         assert!(c.validate().is_err());
         c.bridge_name = "ok0".into();
         c.nat_table_name = "x; flush ruleset".into();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn subnets_need_room_and_no_host_bits() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        check_subnet(&net("10.1.0.0/30")).unwrap();
+        check_subnet(&net("fd00::/126")).unwrap();
+        assert!(check_subnet(&net("10.1.0.0/31")).is_err());
+        assert!(check_subnet(&net("fd00::/127")).is_err());
+        assert!(check_subnet(&net("10.1.0.1/24")).is_err());
+        let c = NetworkConfig { subnet_v6: Some(net("fd00::1/64")), ..Default::default() };
         assert!(c.validate().is_err());
     }
 
