@@ -105,6 +105,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
     )?);
 
+    // Pod networking shares the metadata database (IPAM) and keeps the CNI results under
+    // root, so that a restart (or reboot) can still tear down what it set up. Its helper
+    // programs are waited for through the shim's reaper.
+    let network = berth_net::NetworkManager::with_runner(
+        config.network.clone(),
+        db.clone(),
+        &config.root.join("network"),
+        Arc::new(berth_runtime::ReaperCommandRunner),
+    )
+    .context("cannot set up pod networking")?;
+
     let shim = Arc::new(make_shim(&config)?);
     let pod_init_program = pod_init_program()?;
     let runtime = Runtime::open(
@@ -120,21 +131,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         images.clone(),
         snapshots.clone(),
         shim,
+        Some(Arc::new(network)),
     )
     .context("cannot open the pod and container runtime")?;
+    // The one setter left, for a real cycle: the runtime is built on the image store, and
+    // the store's garbage collection asks the runtime which snapshots containers use. The
+    // store keeps a weak handle to the runtime, set here before anything is served.
     images.set_snapshot_users(runtime.snapshot_users());
-
-    // Pod networking shares the metadata database (IPAM) and keeps the CNI results under
-    // root, so that a restart (or reboot) can still tear down what it set up. Its helper
-    // programs are waited for through the shim's reaper.
-    let network = berth_net::NetworkManager::with_runner(
-        config.network.to_network_config(),
-        db.clone(),
-        &config.root.join("network"),
-        Arc::new(berth_runtime::ReaperCommandRunner),
-    )
-    .context("cannot set up pod networking")?;
-    runtime.set_network(Arc::new(network)).await;
 
     let readiness = Readiness::default();
     let (runtime_service, image_service) = berth_cri::services(berth_cri::Backends {
