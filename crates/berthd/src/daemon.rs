@@ -27,12 +27,9 @@ pub fn init_tracing(filter: &str) -> anyhow::Result<()> {
 /// Process-wide setup that must happen before the async runtime starts threads.
 pub fn prepare_process() -> anyhow::Result<()> {
     crate::memory::limit_arenas();
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only sets a flag on this process.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("cannot become a child subreaper");
-    }
-    Ok(())
+    // Orphaned descendants (a shim's runc children, helpers whose parent died) are
+    // re-parented to berthd, whose reaper waits for them.
+    nix::sys::prctl::set_child_subreaper(true).context("cannot become a child subreaper")
 }
 
 /// Resolves on SIGTERM or SIGINT.
