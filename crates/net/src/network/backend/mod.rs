@@ -26,8 +26,9 @@ use super::error::NetworkError;
 /// The part of a teardown left to run in the background (see [`NetworkBackend::cut_off`]).
 pub(crate) type Finish = Pin<Box<dyn Future<Output = Result<(), NetworkError>> + Send>>;
 
-/// One way of giving pods a network. The manager serialises calls per pod: a backend never
-/// sees two calls for one pod at once. Pod ids are checked before they reach a backend.
+/// One way of giving pods a network. The manager serialises setup and teardown per pod (a
+/// backend never runs two of them for one pod at once; the background part of a deferred
+/// teardown still holds the pod's lock) and checks pod ids before they reach a backend.
 #[async_trait]
 pub(crate) trait NetworkBackend: Send + Sync {
     /// Sets up the network of a pod whose netns exists at `pod.netns`. A pod already set
