@@ -23,8 +23,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Image pulls.
     pub image: ImageSection,
-    /// Registry mirrors and plain-HTTP hosts.
-    pub registry: RegistrySection,
+    /// Registry mirrors and plain-HTTP hosts (the image library's own config type).
+    pub registry: berth_image::RegistryConfig,
     /// Pods and containers: OCI runtimes, seccomp profiles, cgroups.
     pub runtime: RuntimeSection,
     /// Pod networking: the built-in bridge or CNI plugins (the network library's own
@@ -98,16 +98,6 @@ pub struct ImageSection {
     pub max_concurrent_downloads: usize,
 }
 
-/// `[registry]`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RegistrySection {
-    /// Hosts (`host:port`) spoken to over plain HTTP; loopback hosts always are.
-    pub insecure: Vec<String>,
-    /// Per registry host, mirror endpoints tried in order before the host itself.
-    pub mirrors: BTreeMap<String, Vec<String>>,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -117,7 +107,7 @@ impl Default for Config {
             log_level: "info".to_string(),
             metrics: MetricsConfig::default(),
             image: ImageSection::default(),
-            registry: RegistrySection::default(),
+            registry: berth_image::RegistryConfig::default(),
             runtime: RuntimeSection::default(),
             network: berth_net::NetworkConfig::default(),
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_cri::instrument::{InstrumentLayer, Readiness};
-use berth_image::{ImageConfig, ImageStore, RegistryConfig};
+use berth_image::{ImageConfig, ImageStore};
 use berth_runtime::{Runtime, RuntimeConfig};
 use berth_shim::{AnyShim, EmbeddedShim, ExternalShim};
 use berth_snapshot::Snapshotter;
@@ -94,10 +94,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         snapshots.clone(),
         ImageConfig {
             content_dir: config.root.join("content"),
-            registry: RegistryConfig {
-                mirrors: config.registry.mirrors.clone().into_iter().collect(),
-                insecure: config.registry.insecure.clone(),
-            },
+            registry: config.registry.clone(),
             max_concurrent_downloads: config.image.max_concurrent_downloads,
         },
     )?);
