@@ -1,6 +1,7 @@
 //! End-to-end: pod networking through the CRI, on the built-in bridge and with Debian's CNI
 //! plugins. Pods reach each other, the host reaches pods and their hostPorts, addresses are
-//! released and reused, survive a berthd restart, and NetworkReady follows the CNI conf dir.
+//! released and reused, survive a berthd restart, NetworkReady follows the CNI conf dir, and
+//! the network of a pod lost in a crash is released when berthd starts again.
 //!
 //! Every test uses its own bridge, subnet and nft table ([`NetNames::unique`]) and a
 //! [`NetGuard`] that removes them even when the test fails. All traffic stays on this host.
@@ -486,5 +487,101 @@ async fn run_pod_failing_after_its_deadline_releases_the_name() -> Result<()> {
         }
     };
     env.remove_pod(&id).await?;
+    Ok(())
+}
+
+/// A CNI plugin that blocks ADD until `release` exists (then fails it) and records each DEL.
+fn blocking_plugin(started: &Path, release: &Path, dels: &Path) -> String {
+    format!(
+        "#!/bin/sh\ncat >/dev/null\ncase \"$CNI_COMMAND\" in\n\
+         ADD) touch '{started}'; i=0\n\
+         \x20   while [ ! -e '{release}' ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n\
+         \x20   echo '{{\"cniVersion\":\"1.0.0\",\"code\":999,\"msg\":\"blocked on purpose\"}}'; exit 1;;\n\
+         DEL) echo \"DEL $CNI_CONTAINERID\" >> '{dels}';;\n\
+         VERSION) echo '{{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"0.4.0\",\"1.0.0\"]}}';;\n\
+         esac\n",
+        started = started.display(),
+        release = release.display(),
+        dels = dels.display(),
+    )
+}
+
+/// A crash while CNI ADD runs leaves the pod's network (its CNI cache, written before ADD)
+/// but no pod record: the restarted berthd's recovery runs CNI DEL for it and drops the cache.
+#[tokio::test]
+async fn network_of_a_pod_lost_in_a_crash_is_released_on_restart() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let names = NetNames::unique(24);
+    let mut guard = NetGuard::new(names.clone());
+    let dir = tempfile::Builder::new().prefix("berth-cni").tempdir_in("/tmp")?;
+    guard.paths.push(dir.path().to_path_buf());
+    let (conf_dir, bin_dir) = (dir.path().join("net.d"), dir.path().join("bin"));
+    std::fs::create_dir_all(&conf_dir)?;
+    std::fs::create_dir_all(&bin_dir)?;
+    let started = dir.path().join("add-started");
+    let release = dir.path().join("release");
+    let dels = dir.path().join("dels");
+    let plugin = bin_dir.join("berth-test-block");
+    std::fs::write(&plugin, blocking_plugin(&started, &release, &dels))?;
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(
+        conf_dir.join("10-block.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"block","plugins":[{"type":"berth-test-block"}]}"#,
+    )?;
+    let toml = format!(
+        "[network]\nmode = \"cni\"\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"{}\"]\n\
+         bridge = \"{}\"\nnat_table = \"{}\"\n",
+        conf_dir.display(),
+        bin_dir.display(),
+        names.bridge,
+        names.table
+    );
+    let mut d = Berthd::start_with(Options { extra_toml: toml, ..Default::default() }).await?;
+    let mut rt = d.runtime().await?;
+    let log_dir = dir.path().join("logs");
+    let run = tokio::spawn(async move {
+        let config = podkit::pod_config("lost", &log_dir);
+        rt.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: "".into(),
+        })
+        .await
+    });
+    ensure!(eventually(Duration::from_secs(10), || started.exists()).await, "CNI ADD never ran");
+    let cache_dir = d.root().join("network").join("cni");
+    let cached: Vec<String> = std::fs::read_dir(&cache_dir)?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_owned))
+        .collect();
+    ensure!(cached.len() == 1, "CNI cache before the crash: {cached:?}");
+    let pod_id = &cached[0];
+
+    d.kill9();
+    let _ = run.await;
+    // The orphaned plugin gives up its ADD; nothing waits for it any more.
+    std::fs::write(&release, "")?;
+    d.start_again().await?;
+
+    // Recovery (finished before berthd reports ready) ran DEL for the pod without a record.
+    let deleted = || std::fs::read_to_string(&dels).unwrap_or_default();
+    ensure!(
+        eventually(Duration::from_secs(10), || deleted().contains(&format!("DEL {pod_id}"))).await,
+        "no CNI DEL for {pod_id}: {:?}",
+        deleted()
+    );
+    ensure!(
+        eventually(Duration::from_secs(5), || !cache_dir.join(format!("{pod_id}.json")).exists())
+            .await,
+        "the CNI cache of {pod_id} is still there"
+    );
+    let mut rt = d.runtime().await?;
+    let pods = rt.list_pod_sandbox(ListPodSandboxRequest { filter: None }).await?.into_inner();
+    ensure!(pods.items.is_empty(), "{:?}", pods.items);
+    // Closed first: berthd's graceful shutdown waits for open connections.
+    drop(rt);
+    drop(d);
     Ok(())
 }

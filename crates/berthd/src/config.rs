@@ -25,75 +25,13 @@ pub struct Config {
     pub stream: StreamSection,
     /// Image pulls.
     pub image: ImageSection,
-    /// Registry mirrors and plain-HTTP hosts.
-    pub registry: RegistrySection,
+    /// Registry mirrors and plain-HTTP hosts (the image library's own config type).
+    pub registry: berth_image::RegistryConfig,
     /// Pods and containers: OCI runtimes, seccomp profiles, cgroups.
     pub runtime: RuntimeSection,
-    /// Pod networking: the built-in bridge or CNI plugins.
-    pub network: NetworkSection,
-}
-
-/// `[network]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NetworkSection {
-    /// `"bridge"` (built in: a Linux bridge, our own IPAM and NAT) or `"cni"` (the first
-    /// network config in `cni_conf_dir`).
-    pub mode: berth_net::Mode,
-    /// Name of the built-in bridge (at most 15 characters).
-    pub bridge: String,
-    /// Subnet of the built-in bridge; its first address is the gateway. The pod CIDR the
-    /// kubelet sends (UpdateRuntimeConfig) replaces it for new pods.
-    pub subnet: ipnet::IpNet,
-    /// Optional IPv6 subnet for dual-stack pods (built-in bridge).
-    pub subnet_v6: Option<ipnet::IpNet>,
-    /// CNI network configurations (`.conflist`, `.conf`), watched for changes.
-    pub cni_conf_dir: PathBuf,
-    /// Where CNI plugins are looked up, in order.
-    pub cni_bin_dirs: Vec<PathBuf>,
-    /// Masquerade pod traffic leaving the bridge subnet (built-in bridge).
-    pub masquerade: bool,
-    /// Our nftables table (`inet <name>`), or the prefix of our iptables chains.
-    pub nat_table: String,
-    /// How long one CNI plugin or firewall command may run, in seconds.
-    pub plugin_timeout_secs: u64,
-}
-
-impl Default for NetworkSection {
-    fn default() -> Self {
-        Self::from_network_config(&berth_net::NetworkConfig::default())
-    }
-}
-
-impl NetworkSection {
-    fn from_network_config(c: &berth_net::NetworkConfig) -> Self {
-        Self {
-            mode: c.mode,
-            bridge: c.bridge_name.clone(),
-            subnet: c.subnet,
-            subnet_v6: c.subnet_v6,
-            cni_conf_dir: c.cni_conf_dir.clone(),
-            cni_bin_dirs: c.cni_bin_dirs.clone(),
-            masquerade: c.masquerade,
-            nat_table: c.nat_table_name.clone(),
-            plugin_timeout_secs: c.plugin_timeout_secs,
-        }
-    }
-
-    /// The network library's configuration.
-    pub fn to_network_config(&self) -> berth_net::NetworkConfig {
-        berth_net::NetworkConfig {
-            mode: self.mode,
-            bridge_name: self.bridge.clone(),
-            subnet: self.subnet,
-            subnet_v6: self.subnet_v6,
-            cni_conf_dir: self.cni_conf_dir.clone(),
-            cni_bin_dirs: self.cni_bin_dirs.clone(),
-            masquerade: self.masquerade,
-            nat_table_name: self.nat_table.clone(),
-            plugin_timeout_secs: self.plugin_timeout_secs,
-        }
-    }
+    /// Pod networking: the built-in bridge or CNI plugins (the network library's own
+    /// config type is the section).
+    pub network: berth_net::NetworkConfig,
 }
 
 /// `[runtime]`.
@@ -179,16 +117,6 @@ pub struct ImageSection {
     pub max_concurrent_downloads: usize,
 }
 
-/// `[registry]`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RegistrySection {
-    /// Hosts (`host:port`) spoken to over plain HTTP; loopback hosts always are.
-    pub insecure: Vec<String>,
-    /// Per registry host, mirror endpoints tried in order before the host itself.
-    pub mirrors: BTreeMap<String, Vec<String>>,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -199,9 +127,9 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             stream: StreamSection::default(),
             image: ImageSection::default(),
-            registry: RegistrySection::default(),
+            registry: berth_image::RegistryConfig::default(),
             runtime: RuntimeSection::default(),
-            network: NetworkSection::default(),
+            network: berth_net::NetworkConfig::default(),
         }
     }
 }
@@ -270,7 +198,7 @@ impl Config {
             self.runtime.cgroup_parent.starts_with('/'),
             "runtime.cgroup_parent must start with /"
         );
-        self.network.to_network_config().validate().context("invalid [network] section")?;
+        self.network.validate().context("invalid [network] section")?;
         for (host, endpoints) in &self.registry.mirrors {
             for endpoint in endpoints {
                 anyhow::ensure!(
@@ -327,7 +255,7 @@ mod tests {
         )
         .expect("parse");
         config.validate().expect("valid");
-        let n = config.network.to_network_config();
+        let n = &config.network;
         assert_eq!(n.mode, berth_net::Mode::Cni);
         assert_eq!(n.bridge_name, "br-test");
         assert_eq!(n.subnet.to_string(), "10.201.3.0/24");
@@ -337,6 +265,7 @@ mod tests {
             toml::from_str("[network]\nbridge = \"a-name-far-too-long\"\n").expect("parse");
         assert!(bad.validate().is_err());
         assert!(toml::from_str::<Config>("[network]\nsubnet = \"nope\"\n").is_err());
+        assert!(toml::from_str::<Config>("[network]\nbridge_name = \"b\"\n").is_err());
     }
 
     #[test]

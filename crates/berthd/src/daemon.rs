@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_cri::instrument::{InstrumentLayer, Readiness};
-use berth_image::{ImageConfig, ImageStore, RegistryConfig};
+use berth_image::{ImageConfig, ImageStore};
 use berth_runtime::{Runtime, RuntimeConfig};
 use berth_shim::{AnyShim, EmbeddedShim, ExternalShim};
 use berth_snapshot::Snapshotter;
@@ -27,12 +27,9 @@ pub fn init_tracing(filter: &str) -> anyhow::Result<()> {
 /// Process-wide setup that must happen before the async runtime starts threads.
 pub fn prepare_process() -> anyhow::Result<()> {
     crate::memory::limit_arenas();
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only sets a flag on this process.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("cannot become a child subreaper");
-    }
-    Ok(())
+    // Orphaned descendants (a shim's runc children, helpers whose parent died) are
+    // re-parented to berthd, whose reaper waits for them.
+    nix::sys::prctl::set_child_subreaper(true).context("cannot become a child subreaper")
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -97,13 +94,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         snapshots.clone(),
         ImageConfig {
             content_dir: config.root.join("content"),
-            registry: RegistryConfig {
-                mirrors: config.registry.mirrors.clone().into_iter().collect(),
-                insecure: config.registry.insecure.clone(),
-            },
+            registry: config.registry.clone(),
             max_concurrent_downloads: config.image.max_concurrent_downloads,
         },
     )?);
+
+    // Pod networking shares the metadata database (IPAM) and keeps the CNI results under
+    // root, so that a restart (or reboot) can still tear down what it set up. Its helper
+    // programs are waited for through the shim's reaper.
+    let network = berth_net::NetworkManager::with_runner(
+        config.network.clone(),
+        db.clone(),
+        &config.root.join("network"),
+        Arc::new(berth_runtime::ReaperCommandRunner),
+    )
+    .context("cannot set up pod networking")?;
 
     let shim = Arc::new(make_shim(&config)?);
     let pod_init_program = pod_init_program()?;
@@ -120,21 +125,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         images.clone(),
         snapshots.clone(),
         shim,
+        Some(Arc::new(network)),
     )
     .context("cannot open the pod and container runtime")?;
+    // The one setter left, for a real cycle: the runtime is built on the image store, and
+    // the store's garbage collection asks the runtime which snapshots containers use. The
+    // store keeps a weak handle to the runtime, set here before anything is served.
     images.set_snapshot_users(runtime.snapshot_users());
-
-    // Pod networking shares the metadata database (IPAM) and keeps the CNI results under
-    // root, so that a restart (or reboot) can still tear down what it set up. Its helper
-    // programs are waited for through the shim's reaper.
-    let network = berth_net::NetworkManager::with_runner(
-        config.network.to_network_config(),
-        db.clone(),
-        &config.root.join("network"),
-        Arc::new(berth_runtime::ReaperCommandRunner),
-    )
-    .context("cannot set up pod networking")?;
-    runtime.set_network(Arc::new(network)).await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

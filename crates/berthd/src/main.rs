@@ -1,10 +1,14 @@
 //! berthd: the berth daemon. Reads the config, takes the root lock, opens the stores, and serves
 //! the CRI over a unix socket and Prometheus metrics over HTTP until SIGTERM or SIGINT.
 
+#![deny(unsafe_code)]
+
 mod authority;
 mod config;
 mod daemon;
 mod lock;
+// mallopt, mallinfo2 and malloc_trim: glibc's allocator has no safe interface.
+#[allow(unsafe_code)]
 mod memory;
 mod socket;
 

@@ -8,7 +8,7 @@
 //! orchestrates a pull (single flight, each layer unpacked while it downloads, through the
 //! bounded channel in `tee`), `gc` collects what removed images leave behind.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -92,14 +92,16 @@ impl Credentials {
     }
 }
 
-/// Registry settings from `berth.toml`.
-#[derive(Debug, Clone, Default)]
+/// Registry settings: this struct is the `[registry]` section of `berth.toml` (berthd
+/// embeds it as is); every key is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RegistryConfig {
+    /// Hosts (`host:port`) spoken to over plain HTTP. Loopback hosts always are.
+    pub insecure: Vec<String>,
     /// Per registry host (`docker.io`, `registry.example:5000`): mirror endpoints
     /// (`http://127.0.0.1:5001`, `https://mirror.example`), tried in order before the upstream.
-    pub mirrors: HashMap<String, Vec<String>>,
-    /// Hosts spoken to over plain HTTP. Loopback hosts always are.
-    pub insecure: Vec<String>,
+    pub mirrors: BTreeMap<String, Vec<String>>,
 }
 
 /// How the image store is set up.

@@ -458,6 +458,7 @@ pub async fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn loopback_hosts() {
@@ -483,7 +484,7 @@ mod tests {
     #[test]
     fn endpoints_mirrors_then_upstream() {
         let config = RegistryConfig {
-            mirrors: HashMap::from([(
+            mirrors: BTreeMap::from([(
                 "docker.io".to_string(),
                 vec!["http://127.0.0.1:5001".to_string(), "https://mirror.example/".to_string()],
             )]),
@@ -512,7 +513,7 @@ mod tests {
     fn mirror_endpoints_are_validated() {
         let bad = |endpoint: &str| {
             let config = RegistryConfig {
-                mirrors: HashMap::from([("docker.io".to_string(), vec![endpoint.to_string()])]),
+                mirrors: BTreeMap::from([("docker.io".to_string(), vec![endpoint.to_string()])]),
                 insecure: vec![],
             };
             Registries::new(&config).map(|_| ()).unwrap_err().to_string()
@@ -522,7 +523,7 @@ mod tests {
         assert!(bad("http://").contains("no host"));
         assert!(bad("http://bad_host:1").contains("host name"));
         let ok = RegistryConfig {
-            mirrors: HashMap::from([(
+            mirrors: BTreeMap::from([(
                 "index.docker.io".to_string(),
                 vec!["mirror.example:443/v2/".to_string()],
             )]),

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -251,7 +251,7 @@ async fn dead_mirror_falls_back_to_upstream_then_live_mirror_is_used() {
     let mirror = FakeRegistry::start().await;
     // Neither has the image: the error comes from the upstream, after the mirrors.
     let registry = RegistryConfig {
-        mirrors: HashMap::from([(
+        mirrors: BTreeMap::from([(
             upstream.host(),
             vec![
                 format!("http://127.0.0.1:{}", closed_port()),

@@ -1,9 +1,18 @@
-//! berth-net: a pod's network-side namespaces. For now this is namespace pinning only: a
-//! pod's network, IPC and UTS namespaces are created by a short-lived thread and kept alive
-//! by bind-mounting `/proc/thread-self/ns/<kind>` onto files in the pod's directory, as
-//! CRI-O's "drop infra" mode does. No pause process is involved. (Bridge networking and CNI
-//! come later.)
+//! berth-net: a pod's network side.
+//!
+//! - `pin`: a pod's network, IPC and UTS namespaces are created by a short-lived thread and
+//!   kept alive by bind-mounting `/proc/thread-self/ns/<kind>` onto files in the pod's
+//!   directory, as CRI-O's "drop infra" mode does. No pause process is involved.
+//! - [`network`]: pod networking behind [`NetworkManager`], through the built-in bridge
+//!   (netlink, our own IPAM and NAT) or CNI plugins, as [`NetworkConfig`] (the `[network]`
+//!   section of `berth.toml`) chooses.
+//!
+//! Unsafe code is denied here but in `pin`, which brings the pod's loopback up with ioctls.
 
+#![deny(unsafe_code)]
+
+// ioctl(SIOCGIFFLAGS/SIOCSIFFLAGS) on a raw socket inside the new netns: no safe wrapper.
+#[allow(unsafe_code)]
 mod pin;
 
 pub use pin::{NamespaceKind, PinRequest, PinnedNamespaces, pin_namespaces, unpin, unpin_all};

@@ -188,9 +188,8 @@ pub struct Runtime<S: Shim = AnyShim> {
     resource_fit: cgroups::ResourceFit,
     /// The lowest `oom_score_adj` a container may get (see `oom_score`).
     oom_score_floor: Option<i32>,
-    /// Pod networking, once berthd has set it ([`Runtime::set_network`]); without it pods
-    /// get a network namespace with loopback only.
-    network: OnceLock<Arc<berth_net::NetworkManager>>,
+    /// Pod networking; without it pods get a network namespace with loopback only.
+    network: Option<Arc<berth_net::NetworkManager>>,
     /// Bounds the task deletes run in the background after exits: each starts the OCI
     /// runtime binary, and a pod stop can make hundreds at once.
     background_deletes: Arc<tokio::sync::Semaphore>,
@@ -202,14 +201,16 @@ pub struct Runtime<S: Shim = AnyShim> {
 impl<S: Shim + 'static> Runtime<S> {
     /// Opens the runtime: loads the records and re-reserves their names. What a previous
     /// berthd left running is settled by [`Runtime::recover`], which must be awaited next,
-    /// before serving (it reattaches to the shim's tasks and repairs orphans). Starts
-    /// listening to the shim's events. Must be called inside a tokio runtime.
+    /// before serving (it reattaches to the shim's tasks, releases the network of pods that
+    /// no longer exist and repairs orphans). Starts listening to the shim's events. Must be
+    /// called inside a tokio runtime. Without `network`, pods get loopback only.
     pub fn open(
         config: RuntimeConfig,
         db: Arc<redb::Database>,
         images: Arc<ImageStore>,
         snapshots: Arc<Snapshotter>,
         shim: Arc<S>,
+        network: Option<Arc<berth_net::NetworkManager>>,
     ) -> Result<Arc<Self>> {
         for dir in ["pods", "containers", "runtime"] {
             let path = config.state_dir.join(dir);
@@ -232,7 +233,7 @@ impl<S: Shim + 'static> Runtime<S> {
             cgroup_v2,
             resource_fit: cgroups::ResourceFit::detect(cgroup_v2),
             oom_score_floor: oom_score::floor(),
-            network: OnceLock::new(),
+            network,
             background_deletes: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_DELETES)),
             usable_handlers: OnceLock::new(),
         });

@@ -1,4 +1,4 @@
-//! Pod networking as the pod lifecycle sees it: which [`NetworkManager`] berthd configured,
+//! Pod networking as the pod lifecycle sees it: which [`NetworkManager`] berthd opened it with,
 //! what RunPodSandbox hands it (port mappings, DNS), teardown on stop/remove, the pod IPs in
 //! PodSandboxStatus, and NetworkReady / the kubelet's pod CIDR.
 
@@ -56,18 +56,17 @@ pub(crate) fn port_mappings(config: &PodSandboxConfig) -> Result<Vec<PortMapping
 }
 
 impl<S: Shim + 'static> Runtime<S> {
-    /// Gives the runtime its pod networking (once; later calls are ignored and return
-    /// false). Then tears down what the network holds for pods that no longer exist (a
-    /// crash between network setup and the sandbox record, or during removal).
-    pub async fn set_network(&self, manager: Arc<NetworkManager>) -> bool {
-        if self.network.set(manager.clone()).is_err() {
-            return false;
-        }
+    /// Tears down what the network holds for pods that no longer exist (a crash between
+    /// network setup and the sandbox record, or during removal). Part of recovery.
+    pub(crate) async fn release_vanished_networks(&self) {
+        let Some(manager) = self.network() else {
+            return;
+        };
         let held = match manager.pods() {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list pods holding network resources");
-                return true;
+                return;
             }
         };
         for id in held {
@@ -81,12 +80,11 @@ impl<S: Shim + 'static> Runtime<S> {
                 }
             }
         }
-        true
     }
 
     /// The network manager, if berthd configured one.
     pub fn network(&self) -> Option<&Arc<NetworkManager>> {
-        self.network.get()
+        self.network.as_ref()
     }
 
     /// Whether pods can get a network now (CRI `NetworkReady`).

@@ -3,6 +3,8 @@
 //! [`Runtime::load_records`] (inside `open`) loads the records and re-reserves their names.
 //! [`Runtime::recover`] then settles what happened while berthd was down:
 //!
+//! - it releases the network of pods that have no record (a crash between network setup
+//!   and the sandbox record, or during removal).
 //! - it asks the shim to reattach ([`Shim::reattach`]): the external shim reconnects to every
 //!   live `berth-shim` and lists its tasks, with the exits (code, time, OOM) its shims
 //!   recorded meanwhile; a dead shim's tasks come back exited (`lost` when their code died
@@ -77,6 +79,9 @@ impl<S: Shim + 'static> Runtime<S> {
     /// not keep the node's runtime down.
     pub async fn recover(self: &Arc<Self>) -> Result<RecoveryReport> {
         let mut report = RecoveryReport::default();
+        // Pods whose record is gone keep no network (each is logged; the report does not
+        // count them).
+        self.release_vanished_networks().await;
         let tasks: HashMap<String, RecoveredTask> = match self.shim.reattach().await {
             Ok(tasks) => tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
             Err(e) => {

@@ -19,25 +19,32 @@ pub enum Mode {
     Cni,
 }
 
-/// Pod networking configuration (the `[network]` part of `berth.toml`).
+/// Pod networking configuration: this struct is the `[network]` section of `berth.toml`
+/// (berthd embeds it as is), so its serde names are the keys users write and every key is
+/// optional.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
-    /// Built-in bridge or CNI.
+    /// `"bridge"` (built in: a Linux bridge, our own IPAM and NAT) or `"cni"` (the first
+    /// network config in `cni_conf_dir`).
     pub mode: Mode,
-    /// Name of the built-in bridge (at most 15 bytes).
+    /// Name of the built-in bridge (at most 15 bytes). Key `bridge`.
+    #[serde(rename = "bridge")]
     pub bridge_name: String,
-    /// IPv4 (or IPv6) subnet of the built-in bridge; the first host is the gateway.
+    /// Subnet of the built-in bridge; its first address is the gateway. The pod CIDR the
+    /// kubelet sends (UpdateRuntimeConfig) replaces it for new pods.
     pub subnet: IpNet,
-    /// Optional second (IPv6) subnet for dual stack.
+    /// Optional IPv6 subnet for dual-stack pods (built-in bridge).
     pub subnet_v6: Option<IpNet>,
-    /// Where CNI network configurations live.
+    /// CNI network configurations (`.conflist`, `.conf`), watched for changes.
     pub cni_conf_dir: PathBuf,
     /// Where CNI plugin binaries are looked up, in order.
     pub cni_bin_dirs: Vec<PathBuf>,
-    /// Masquerade traffic from the bridge subnet leaving it (built-in bridge only).
+    /// Masquerade pod traffic leaving the bridge subnet (built-in bridge only).
     pub masquerade: bool,
     /// Name of our nftables table (`inet <name>`), or the prefix of our iptables chains.
+    /// Key `nat_table`.
+    #[serde(rename = "nat_table")]
     pub nat_table_name: String,
     /// How long one CNI plugin or firewall command may run, in seconds.
     pub plugin_timeout_secs: u64,
@@ -70,7 +77,7 @@ impl NetworkConfig {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         {
             return Err(NetworkError::InvalidConfig {
-                field: "bridge_name",
+                field: "bridge",
                 reason: format!("bridge name {name:?} must be 1-15 of [A-Za-z0-9._-]"),
             });
         }
@@ -80,16 +87,37 @@ impl NetworkConfig {
             || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
             return Err(NetworkError::InvalidConfig {
-                field: "nat_table_name",
+                field: "nat_table",
                 reason: format!("nat table name {t:?} must be 1-20 of [A-Za-z0-9_-]"),
             });
         }
-        super::ipam::check_subnet(&self.subnet)?;
+        check_subnet(&self.subnet)?;
         if let Some(v6) = &self.subnet_v6 {
-            super::ipam::check_subnet(v6)?;
+            check_subnet(v6)?;
         }
         Ok(())
     }
+}
+
+/// Checks that a subnet is usable: a network address, room for a gateway and a pod.
+pub(crate) fn check_subnet(subnet: &IpNet) -> Result<(), NetworkError> {
+    let max = match subnet {
+        IpNet::V4(_) => 30,
+        IpNet::V6(_) => 126,
+    };
+    if subnet.prefix_len() > max {
+        return Err(NetworkError::InvalidSubnet {
+            cidr: subnet.to_string(),
+            reason: format!("prefix longer than /{max} leaves no room for pods"),
+        });
+    }
+    if subnet.trunc() != *subnet {
+        return Err(NetworkError::InvalidSubnet {
+            cidr: subnet.to_string(),
+            reason: format!("host bits set (did you mean {}?)", subnet.trunc()),
+        });
+    }
+    Ok(())
 }
 
 /// Transport protocol of a port mapping.
@@ -229,6 +257,11 @@ mod tests {
         assert_eq!(c.mode, Mode::Cni);
         assert_eq!(c.bridge_name, "berth0");
         assert_eq!(c.subnet.to_string(), "10.1.0.0/24");
+        // The keys are berth.toml's.
+        let c: NetworkConfig =
+            serde_json::from_str(r#"{"bridge":"br1","nat_table":"t1"}"#).unwrap();
+        assert_eq!((c.bridge_name.as_str(), c.nat_table_name.as_str()), ("br1", "t1"));
+        assert!(serde_json::from_str::<NetworkConfig>(r#"{"bridge_name":"br1"}"#).is_err());
     }
 
     #[test]
@@ -238,6 +271,18 @@ mod tests {
         assert!(c.validate().is_err());
         c.bridge_name = "ok0".into();
         c.nat_table_name = "x; flush ruleset".into();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn subnets_need_room_and_no_host_bits() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        check_subnet(&net("10.1.0.0/30")).unwrap();
+        check_subnet(&net("fd00::/126")).unwrap();
+        assert!(check_subnet(&net("10.1.0.0/31")).is_err());
+        assert!(check_subnet(&net("fd00::/127")).is_err());
+        assert!(check_subnet(&net("10.1.0.1/24")).is_err());
+        let c = NetworkConfig { subnet_v6: Some(net("fd00::1/64")), ..Default::default() };
         assert!(c.validate().is_err());
     }
 

@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::config::PortMapping;
+use super::config::{PortMapping, check_subnet};
 use super::error::NetworkError;
 
 /// Address -> pod id.
@@ -48,27 +48,6 @@ pub struct PodRecord {
     pub port_mappings: Vec<PortMapping>,
     /// Set once the links, addresses and NAT rules are all in place.
     pub complete: bool,
-}
-
-/// Checks that a subnet is usable: a network address, room for a gateway and a pod.
-pub(crate) fn check_subnet(subnet: &IpNet) -> Result<(), NetworkError> {
-    let max = match subnet {
-        IpNet::V4(_) => 30,
-        IpNet::V6(_) => 126,
-    };
-    if subnet.prefix_len() > max {
-        return Err(NetworkError::InvalidSubnet {
-            cidr: subnet.to_string(),
-            reason: format!("prefix longer than /{max} leaves no room for pods"),
-        });
-    }
-    if subnet.trunc() != *subnet {
-        return Err(NetworkError::InvalidSubnet {
-            cidr: subnet.to_string(),
-            reason: format!("host bits set (did you mean {}?)", subnet.trunc()),
-        });
-    }
-    Ok(())
 }
 
 /// Parses the kubelet's pod CIDR (`"10.244.1.0/24"` or dual stack `"10.244.1.0/24,fd00::/64"`).
@@ -443,6 +422,5 @@ mod tests {
         assert!(parse_pod_cidr("10.1.0.0/31").is_err());
         assert!(parse_pod_cidr("nonsense").is_err());
         assert!(parse_pod_cidr("10.1.0.0/24,10.2.0.0/24").is_err());
-        assert!(check_subnet(&net("10.1.0.1/24")).is_err());
     }
 }

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-/// The set of pods with a background teardown under way.
-#[derive(Default)]
+/// The set of pods with a background teardown under way. Clones share the set.
+#[derive(Default, Clone)]
 pub(crate) struct Releasing {
     inner: Arc<Inner>,
 }
