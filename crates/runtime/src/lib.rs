@@ -20,6 +20,7 @@ mod exec;
 mod filters;
 mod gc_users;
 mod handlers;
+mod journal;
 pub mod names;
 mod net_runner;
 mod network;
