@@ -433,7 +433,11 @@ impl<S: Shim + 'static> Runtime<S> {
                 runtime: m.runtime.clone(),
                 runtime_root: m.runtime_root.clone(),
                 log_path: m.log_path.clone(),
-                memory_cgroup: Some(cgroups::memory_dir(&m.cgroups_path, self.cgroup_v2)),
+                memory_cgroup: Some(cgroups::memory_dir(
+                    &self.config.cgroup_root,
+                    &m.cgroups_path,
+                    self.cgroup_v2,
+                )),
                 tty: m.config.tty,
                 stdin: m.config.stdin,
                 start: true,

@@ -62,6 +62,9 @@ use crate::store::Store;
 /// How many task deletes run at once in the background.
 const BACKGROUND_DELETES: usize = 4;
 
+/// Where cgroupfs is mounted on a normal host: [`RuntimeConfig::cgroup_root`]'s value.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
 /// How the runtime is set up (from `berth.toml`).
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -77,6 +80,10 @@ pub struct RuntimeConfig {
     pub cgroup_parent: String,
     /// The program run as `<program> pod-init <pod dir>` for shared-PID pods (berthd itself).
     pub pod_init_program: PathBuf,
+    /// Where cgroupfs is mounted ([`DEFAULT_CGROUP_ROOT`]): stats, OOM detection, pod cgroup
+    /// removal and the startup repair read and remove cgroups under it (tests point it at a
+    /// temp dir). It is a cgroup v2 host when this is a cgroup2 mount.
+    pub cgroup_root: PathBuf,
 }
 
 /// A pod sandbox in the index.
@@ -217,7 +224,8 @@ impl<S: Shim + 'static> Runtime<S> {
         let store = Store::open(db)?;
         // Subscribe before anything can start, so no exit is missed.
         let task_events = shim.subscribe();
-        let cgroup_v2 = berth_oci::detect_cgroup_v2();
+        let cgroup_v2 = cgroups::is_v2(&config.cgroup_root);
+        let resource_fit = cgroups::ResourceFit::detect(&config.cgroup_root, cgroup_v2);
         let runtime = Arc::new(Self {
             config,
             store,
@@ -229,7 +237,7 @@ impl<S: Shim + 'static> Runtime<S> {
             names: Names::default(),
             events: Events::new(),
             cgroup_v2,
-            resource_fit: cgroups::ResourceFit::detect(cgroup_v2),
+            resource_fit,
             oom_score_floor: oom_score::floor(),
             network: OnceLock::new(),
             background_deletes: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_DELETES)),

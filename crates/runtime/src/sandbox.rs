@@ -391,7 +391,7 @@ impl<S: Shim + 'static> Runtime<S> {
         }
         remove_dir_all(&meta.dir)?;
         if meta.owns_cgroup {
-            cgroups::remove(&meta.cgroup_parent);
+            cgroups::remove(&self.config.cgroup_root, &meta.cgroup_parent);
         }
         crate::blocking(|| self.store.delete_sandbox(&meta.id))?;
         self.forget_sandbox(&meta.id);
