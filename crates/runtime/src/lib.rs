@@ -17,6 +17,8 @@ mod encoded;
 mod error;
 mod events;
 mod exec;
+#[cfg(test)]
+mod fake_shim;
 mod filters;
 mod gc_users;
 mod handlers;
@@ -37,6 +39,9 @@ pub mod state;
 mod stats;
 mod store;
 mod util;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
