@@ -9,7 +9,9 @@
 //!
 //! Modules: `store` (redb tables), `records` (what is stored), `names` (name reservation),
 //! `state` (state machines), `sandbox`/`container`/`exec`/`stats` (one file per RPC family),
-//! `filters`, `events`, `cgroups`, `pod_files`, `shm`, `pod_init`, `recovery`.
+//! `filters`, `events`, `cgroups`, `pod_files`, `shm`, `pod_init`, `recovery`, `repair`,
+//! `journal` (the undo journal of a create). Under test, `fake_shim` and `tests` build a
+//! whole `Runtime` on temp dirs.
 
 mod cgroups;
 mod container;
