@@ -193,11 +193,14 @@ impl<S: Shim + 'static> Runtime<S> {
             kinds.push(NamespaceKind::Ipc);
         }
         let ns_dir = dir.join("ns");
-        // Before pinning: a pin that fails halfway leaves the others pinned.
-        let undo_ns = ns_dir.clone();
-        journal.push("namespace pins", move || async move {
-            berth_net::unpin_all(&undo_ns).map_err(RuntimeError::Net)
-        });
+        // Before pinning: a pin that fails halfway leaves the others pinned. (A pod that
+        // shares all of the host's namespaces pins none.)
+        if !kinds.is_empty() {
+            let undo_ns = ns_dir.clone();
+            journal.push("namespace pins", move || async move {
+                berth_net::unpin_all(&undo_ns).map_err(RuntimeError::Net)
+            });
+        }
         let request = PinRequest { dir: ns_dir, kinds, hostname: hostname.clone() };
         let t0 = std::time::Instant::now();
         let pinned = tokio::task::spawn_blocking(move || berth_net::pin_namespaces(&request))
