@@ -25,6 +25,16 @@ pub fn image_spec(image: &str) -> ImageSpec {
     ImageSpec { image: image.to_string(), ..Default::default() }
 }
 
+/// Says on stderr that the running test is skipped, and why: `SKIPPED <test>: <reason>`.
+/// Written to the stderr file itself, past the test harness's capture, so a `cargo test`
+/// run shows it although the test then returns as passed.
+pub fn report_skip(reason: &str) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+}
+
 /// Whether we run as root (the e2e tests need root to mount overlays).
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()

@@ -253,10 +253,10 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     f()
 }
 
-/// Whether the tests can run here (root needed).
+/// Whether the test must be skipped here (root needed); says so on stderr (`SKIPPED`).
 pub fn skip() -> bool {
     if !berth_e2e::is_root() {
-        eprintln!("skipped: needs root");
+        berth_e2e::report_skip("needs root");
         return true;
     }
     false

@@ -120,6 +120,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             seccomp_profile_root: config.runtime.seccomp_profile_root.clone(),
             cgroup_parent: config.runtime.cgroup_parent.clone(),
             pod_init_program,
+            cgroup_root: std::path::PathBuf::from(berth_runtime::DEFAULT_CGROUP_ROOT),
         },
         db.clone(),
         images.clone(),

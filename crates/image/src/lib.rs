@@ -220,6 +220,19 @@ impl ImageStore {
         pull::pull_shared(&self.inner, reference, credentials).await
     }
 
+    /// Records an image made on this node, whose layers are unpacked into the snapshotter
+    /// already (its top layer is `image.chain_id`), under the names in `image.repo_tags`
+    /// (normalised). The store keeps no blobs for it: removing it frees its snapshots only.
+    /// This is how tests (the runtime's, with no registry) give the runtime an image.
+    pub fn record_unpacked(&self, mut image: Image) -> Result<Image, ImageError> {
+        let mut names = Vec::new();
+        for tag in std::mem::take(&mut image.repo_tags) {
+            names.push(ImageReference::parse(&tag)?.lookup_key());
+        }
+        let record = meta::ImageRecord { image, manifest_digest: String::new(), blobs: Vec::new() };
+        Ok(self.inner.meta.record_pull(record, &names)?.image)
+    }
+
     /// Every image, in no particular order.
     pub fn list(&self) -> Result<Vec<Image>, ImageError> {
         Ok(self.inner.meta.list()?.into_iter().map(|r| r.image).collect())

@@ -25,7 +25,7 @@ fn pod(id: &str, ns: &TempNetns, ports: Vec<PortMapping>) -> PodNetwork {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pods_on_the_bridge() {
     if !is_root() {
-        eprintln!("skipped: needs root");
+        skipped("needs root");
         return;
     }
     let tag = rand_hex(3);
@@ -175,7 +175,7 @@ async fn two_pods_on_the_bridge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_failure_leaves_nothing() {
     if !is_root() {
-        eprintln!("skipped: needs root");
+        skipped("needs root");
         return;
     }
     let tag = rand_hex(3);

@@ -110,7 +110,7 @@ fn write_conflist(dir: &Path, bridge: &str, subnet: &str, data_dir: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cni_bridge_portmap_with_restart() {
     if !is_root() || !Path::new(BIN).join("bridge").exists() {
-        eprintln!("skipped: needs root and {BIN}");
+        skipped(&format!("needs root and {BIN}"));
         return;
     }
     let tag = rand_hex(3);

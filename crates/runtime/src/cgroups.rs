@@ -11,8 +11,6 @@ use oci_spec::runtime::LinuxResources;
 
 use crate::error::{Result, RuntimeError};
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-
 /// Fits containers' resources to the host's cgroup controllers: what needs a controller the
 /// host lacks is dropped (never a failed container: the kubelet sends hugepage limits for
 /// every page size a node has, hugetlb controller or not), with one warning per controller
@@ -24,9 +22,9 @@ pub(crate) struct ResourceFit {
 }
 
 impl ResourceFit {
-    /// Reads the host's controllers once.
-    pub(crate) fn detect(v2: bool) -> Self {
-        Self::new(HostCgroups::detect(Path::new(CGROUP_ROOT), v2))
+    /// Reads the host's controllers (under the cgroup root `root`) once.
+    pub(crate) fn detect(root: &Path, v2: bool) -> Self {
+        Self::new(HostCgroups::detect(root, v2))
     }
 
     /// For the given host.
@@ -53,30 +51,34 @@ impl ResourceFit {
     }
 }
 
-/// The memory cgroup directory of `cgroups_path` (for OOM detection and stats).
-pub fn memory_dir(cgroups_path: &str, v2: bool) -> PathBuf {
+/// Whether `root` is a cgroup2 (unified) mount; a plain directory (a test's fake root) is
+/// taken for cgroup v1.
+pub(crate) fn is_v2(root: &Path) -> bool {
+    use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+    statfs(root).is_ok_and(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC)
+}
+
+/// The memory cgroup directory of `cgroups_path` under the cgroup root `root` (for OOM
+/// detection and stats).
+pub fn memory_dir(root: &Path, cgroups_path: &str, v2: bool) -> PathBuf {
     let rel = cgroups_path.trim_start_matches('/');
-    if v2 {
-        Path::new(CGROUP_ROOT).join(rel)
-    } else {
-        Path::new(CGROUP_ROOT).join("memory").join(rel)
-    }
+    if v2 { root.join(rel) } else { root.join("memory").join(rel) }
 }
 
 /// The directory holding cpu accounting of `cgroups_path`.
-pub fn cpu_dir(cgroups_path: &str, v2: bool) -> PathBuf {
+pub fn cpu_dir(root: &Path, cgroups_path: &str, v2: bool) -> PathBuf {
     let rel = cgroups_path.trim_start_matches('/');
     if v2 {
-        return Path::new(CGROUP_ROOT).join(rel);
+        return root.join(rel);
     }
     // cpuacct is mounted alone or co-mounted with cpu, depending on the distribution.
     for name in ["cpuacct", "cpu,cpuacct", "cpuacct,cpu"] {
-        let dir = Path::new(CGROUP_ROOT).join(name);
+        let dir = root.join(name);
         if dir.is_dir() {
             return dir.join(rel);
         }
     }
-    Path::new(CGROUP_ROOT).join("cpuacct").join(rel)
+    root.join("cpuacct").join(rel)
 }
 
 fn read_u64(path: &Path) -> Option<u64> {
@@ -92,8 +94,8 @@ fn stat_field(path: &Path, key: &str) -> Option<u64> {
 }
 
 /// Cumulative CPU time in nanoseconds.
-pub fn cpu_usage_ns(cgroups_path: &str, v2: bool) -> Option<u64> {
-    let dir = cpu_dir(cgroups_path, v2);
+pub fn cpu_usage_ns(root: &Path, cgroups_path: &str, v2: bool) -> Option<u64> {
+    let dir = cpu_dir(root, cgroups_path, v2);
     if v2 {
         stat_field(&dir.join("cpu.stat"), "usage_usec").map(|us| us * 1000)
     } else {
@@ -102,8 +104,8 @@ pub fn cpu_usage_ns(cgroups_path: &str, v2: bool) -> Option<u64> {
 }
 
 /// Memory usage and working set (usage minus inactive file pages), in bytes.
-pub fn memory_usage(cgroups_path: &str, v2: bool) -> Option<(u64, u64)> {
-    let dir = memory_dir(cgroups_path, v2);
+pub fn memory_usage(root: &Path, cgroups_path: &str, v2: bool) -> Option<(u64, u64)> {
+    let dir = memory_dir(root, cgroups_path, v2);
     let (usage, inactive) = if v2 {
         (
             read_u64(&dir.join("memory.current"))?,
@@ -119,14 +121,15 @@ pub fn memory_usage(cgroups_path: &str, v2: bool) -> Option<(u64, u64)> {
 }
 
 /// Removes the cgroup `cgroups_path` in every hierarchy (v1) or the unified one (v2).
-/// Missing directories are fine; a non-empty cgroup stays (logged).
-pub fn remove(cgroups_path: &str) {
+/// Missing directories are fine; a non-empty cgroup stays (logged). `root` is the cgroup
+/// root (`/sys/fs/cgroup`).
+pub fn remove(root: &Path, cgroups_path: &str) {
     let rel = cgroups_path.trim_start_matches('/');
     if rel.is_empty() {
         return;
     }
-    let mut dirs = vec![Path::new(CGROUP_ROOT).join(rel)];
-    if let Ok(entries) = std::fs::read_dir(CGROUP_ROOT) {
+    let mut dirs = vec![root.join(rel)];
+    if let Ok(entries) = std::fs::read_dir(root) {
         dirs.extend(entries.flatten().map(|e| e.path().join(rel)));
     }
     for dir in dirs {
@@ -206,11 +209,30 @@ mod tests {
 
     #[test]
     fn memory_dirs() {
+        let root = Path::new(crate::DEFAULT_CGROUP_ROOT);
         assert_eq!(
-            memory_dir("/berth/pod-a/c", false),
+            memory_dir(root, "/berth/pod-a/c", false),
             Path::new("/sys/fs/cgroup/memory/berth/pod-a/c")
         );
-        assert_eq!(memory_dir("/berth/pod-a/c", true), Path::new("/sys/fs/cgroup/berth/pod-a/c"));
+        assert_eq!(
+            memory_dir(root, "/berth/pod-a/c", true),
+            Path::new("/sys/fs/cgroup/berth/pod-a/c")
+        );
+    }
+
+    #[test]
+    fn stats_read_the_files_under_the_given_root() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("berth/pod-a/c");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("cpu.stat"), "usage_usec 7\n").expect("write");
+        std::fs::write(dir.join("memory.current"), "10000\n").expect("write");
+        std::fs::write(dir.join("memory.stat"), "inactive_file 4000\n").expect("write");
+        assert_eq!(cpu_usage_ns(root.path(), "/berth/pod-a/c", true), Some(7000));
+        assert_eq!(memory_usage(root.path(), "/berth/pod-a/c", true), Some((10000, 6000)));
+        remove(root.path(), "/berth/pod-a/c/");
+        // Not empty (regular files stand in for the kernel's): it stays, as a busy cgroup.
+        assert!(dir.exists());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use k8s_cri::v1::{
 use crate::encoded::{Encoded, Prefab};
 use crate::error::{Result, RuntimeError};
 use crate::filters::{id_matches, labels_match};
+use crate::journal::Journal;
 use crate::names::container_name;
 use crate::oom_score;
 use crate::records::{ContainerMeta, ContainerStatus, ProcessRef};
@@ -41,13 +42,6 @@ pub(crate) fn parse_signal(text: &str) -> Option<i32> {
     let upper = t.to_ascii_uppercase();
     let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
     name.parse::<nix::sys::signal::Signal>().ok().map(|s| s as i32)
-}
-
-/// Stops what was made for a container being created, on failure.
-#[derive(Default)]
-struct Partial {
-    bundle: Option<PathBuf>,
-    rootfs: bool,
 }
 
 /// Deletes `entry`'s task once: the shim's delete (which runs `<runtime> delete`), then, for
@@ -96,19 +90,6 @@ pub(crate) async fn runtime_delete_orphan(entry: &ContainerEntry) {
 }
 
 impl<S: Shim + 'static> Runtime<S> {
-    async fn undo_create(&self, id: &str, partial: &Partial) {
-        if let Some(bundle) = &partial.bundle {
-            if partial.rootfs
-                && let Err(e) = self.snapshots.remove_rootfs(id, &bundle.join("rootfs"))
-            {
-                tracing::warn!(container_id = %id, error = %e, "undo: cannot remove rootfs");
-            }
-            if let Err(e) = remove_dir_all(bundle) {
-                tracing::warn!(container_id = %id, error = %e, "undo: cannot remove bundle");
-            }
-        }
-    }
-
     /// The pod's contribution to a container spec.
     fn pod_context(&self, sandbox: &SandboxEntry, config: &ContainerConfig) -> Result<PodContext> {
         let m = &sandbox.meta;
@@ -213,12 +194,13 @@ impl<S: Shim + 'static> Runtime<S> {
             {
                 return Err(RuntimeError::SandboxNotReady(sandbox.meta.id.clone()));
             }
-            let mut partial = Partial::default();
+            let mut journal = Journal::new(task_id.clone());
             match this
-                .build_container(&task_id, task_name, &sandbox, config, image, &mut partial)
+                .build_container(&task_id, task_name, &sandbox, config, image, &mut journal)
                 .await
             {
                 Ok(entry) => {
+                    journal.commit();
                     this.insert_container(entry.clone());
                     this.refresh_gauges();
                     this.publish(&entry, ContainerEventType::ContainerCreatedEvent);
@@ -226,7 +208,7 @@ impl<S: Shim + 'static> Runtime<S> {
                     Ok(())
                 }
                 Err(e) => {
-                    this.undo_create(&task_id, &partial).await;
+                    journal.rollback().await;
                     Err(e)
                 }
             }
@@ -243,14 +225,14 @@ impl<S: Shim + 'static> Runtime<S> {
         }
     }
 
-    async fn build_container(
-        &self,
+    async fn build_container<'a>(
+        &'a self,
         id: &str,
         name: String,
         sandbox: &SandboxEntry,
         config: ContainerConfig,
         image: berth_image::Image,
-        partial: &mut Partial,
+        journal: &mut Journal<'a>,
     ) -> Result<Arc<ContainerEntry>> {
         let (handler, runtime) = self.handler(&sandbox.meta.runtime_handler)?;
         let image_config: oci_spec::image::ImageConfiguration =
@@ -261,7 +243,8 @@ impl<S: Shim + 'static> Runtime<S> {
         let bundle = self.config.state_dir.join("containers").join(id);
         let rootfs = bundle.join("rootfs");
         std::fs::create_dir_all(&rootfs).map_err(RuntimeError::io("create directory", &rootfs))?;
-        partial.bundle = Some(bundle.clone());
+        let undo_bundle = bundle.clone();
+        journal.push("bundle", move || async move { remove_dir_all(&undo_bundle) });
         let t0 = std::time::Instant::now();
         // Always writable, even for readOnlyRootFilesystem: the OCI runtime must be able to
         // make the mount points the spec needs (`/proc`, `/dev`, volume targets) in images
@@ -277,7 +260,10 @@ impl<S: Shim + 'static> Runtime<S> {
             .map_err(|e| RuntimeError::TaskFailed(e.to_string()))?
             .map_err(RuntimeError::Snapshot)?;
         }
-        partial.rootfs = true;
+        let (undo_key, undo_rootfs) = (id.to_owned(), rootfs.clone());
+        journal.push("rootfs", move || async move {
+            self.snapshots.remove_rootfs(&undo_key, &undo_rootfs).map_err(RuntimeError::Snapshot)
+        });
         let t_rootfs = t0.elapsed();
 
         let cgroups_path = format!("{}/{id}", sandbox.meta.cgroup_parent.trim_end_matches('/'));
@@ -447,7 +433,11 @@ impl<S: Shim + 'static> Runtime<S> {
                 runtime: m.runtime.clone(),
                 runtime_root: m.runtime_root.clone(),
                 log_path: m.log_path.clone(),
-                memory_cgroup: Some(cgroups::memory_dir(&m.cgroups_path, self.cgroup_v2)),
+                memory_cgroup: Some(cgroups::memory_dir(
+                    &self.config.cgroup_root,
+                    &m.cgroups_path,
+                    self.cgroup_v2,
+                )),
                 tty: m.config.tty,
                 stdin: m.config.stdin,
                 stdin_once: m.config.stdin_once,

@@ -70,7 +70,7 @@ impl<S: Shim + 'static> Runtime<S> {
             );
             async move {
                 let result = probe(binary, &dir, &program, &cgroups_path).await;
-                cgroups::remove(&cgroups_path);
+                cgroups::remove(&self.config.cgroup_root, &cgroups_path);
                 if let Err(e) = std::fs::remove_dir_all(&dir) {
                     tracing::debug!(dir = %dir.display(), error = %e, "cannot remove probe dir");
                 }

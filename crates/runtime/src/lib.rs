@@ -9,7 +9,9 @@
 //!
 //! Modules: `store` (redb tables), `records` (what is stored), `names` (name reservation),
 //! `state` (state machines), `sandbox`/`container`/`exec`/`stats` (one file per RPC family),
-//! `filters`, `events`, `cgroups`, `pod_files`, `shm`, `pod_init`, `recovery`.
+//! `filters`, `events`, `cgroups`, `pod_files`, `shm`, `pod_init`, `recovery`, `repair`,
+//! `journal` (the undo journal of a create). Under test, `fake_shim` and `tests` build a
+//! whole `Runtime` on temp dirs.
 
 mod cgroups;
 mod container;
@@ -17,9 +19,12 @@ mod encoded;
 mod error;
 mod events;
 mod exec;
+#[cfg(test)]
+mod fake_shim;
 mod filters;
 mod gc_users;
 mod handlers;
+mod journal;
 pub mod names;
 mod net_runner;
 mod network;
@@ -37,6 +42,9 @@ mod stats;
 mod store;
 mod stream;
 mod util;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -63,6 +71,9 @@ use crate::store::Store;
 /// How many task deletes run at once in the background.
 const BACKGROUND_DELETES: usize = 4;
 
+/// Where cgroupfs is mounted on a normal host: [`RuntimeConfig::cgroup_root`]'s value.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
 /// How the runtime is set up (from `berth.toml`).
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -78,6 +89,10 @@ pub struct RuntimeConfig {
     pub cgroup_parent: String,
     /// The program run as `<program> pod-init <pod dir>` for shared-PID pods (berthd itself).
     pub pod_init_program: PathBuf,
+    /// Where cgroupfs is mounted ([`DEFAULT_CGROUP_ROOT`]): stats, OOM detection, pod cgroup
+    /// removal and the startup repair read and remove cgroups under it (tests point it at a
+    /// temp dir). It is a cgroup v2 host when this is a cgroup2 mount.
+    pub cgroup_root: PathBuf,
 }
 
 /// A pod sandbox in the index.
@@ -219,7 +234,8 @@ impl<S: Shim + 'static> Runtime<S> {
         let store = Store::open(db)?;
         // Subscribe before anything can start, so no exit is missed.
         let task_events = shim.subscribe();
-        let cgroup_v2 = berth_oci::detect_cgroup_v2();
+        let cgroup_v2 = cgroups::is_v2(&config.cgroup_root);
+        let resource_fit = cgroups::ResourceFit::detect(&config.cgroup_root, cgroup_v2);
         let runtime = Arc::new(Self {
             config,
             store,
@@ -231,7 +247,7 @@ impl<S: Shim + 'static> Runtime<S> {
             names: Names::default(),
             events: Events::new(),
             cgroup_v2,
-            resource_fit: cgroups::ResourceFit::detect(cgroup_v2),
+            resource_fit,
             oom_score_floor: oom_score::floor(),
             network,
             background_deletes: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_DELETES)),

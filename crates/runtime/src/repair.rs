@@ -22,7 +22,6 @@ use nix::mount::{MntFlags, umount2};
 use crate::Runtime;
 use crate::util::remove_dir_all;
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// How long `<runtime> delete --force` of an orphan container may take.
 const RUNTIME_DELETE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -100,9 +99,9 @@ fn rmdir_cgroup_tree(dir: &Path) -> bool {
     }
 }
 
-/// The cgroup hierarchies' roots (v1: one per controller, deduplicated; v2: the root).
-fn cgroup_hierarchies() -> Vec<PathBuf> {
-    let root = Path::new(CGROUP_ROOT);
+/// The cgroup hierarchies' roots under the cgroup root `root` (v1: one per controller,
+/// deduplicated; v2: the root).
+fn cgroup_hierarchies(root: &Path) -> Vec<PathBuf> {
     if root.join("cgroup.controllers").exists() {
         return vec![root.to_owned()];
     }
@@ -291,7 +290,7 @@ impl<S: Shim + 'static> Runtime<S> {
             return 0;
         }
         let mut removed = 0;
-        for hierarchy in cgroup_hierarchies() {
+        for hierarchy in cgroup_hierarchies(&self.config.cgroup_root) {
             let base = hierarchy.join(parent);
             for child in subdirs(&base) {
                 let Some(pod_id) = child.strip_prefix("pod-") else { continue };

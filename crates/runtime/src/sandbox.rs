@@ -15,6 +15,7 @@ use k8s_cri::v1::{
 };
 
 use crate::error::{Result, RuntimeError};
+use crate::journal::Journal;
 use crate::names::sandbox_name;
 use crate::records::{ProcessRef, SandboxMeta, SandboxStatus};
 use crate::state::SandboxState;
@@ -34,45 +35,11 @@ pub(crate) fn namespace_options(config: &PodSandboxConfig) -> NamespaceOption {
         .unwrap_or_default()
 }
 
-/// What has been made so far for a pod being created, undone on failure.
-#[derive(Default)]
-struct Partial {
-    dir: Option<PathBuf>,
-    ns_dir: Option<PathBuf>,
-    shm: Option<PathBuf>,
-    init: Option<ProcessRef>,
-    /// The pinned netns once network setup was attempted (torn down before unpinning).
-    network: Option<PathBuf>,
-}
-
-/// What [`Runtime::make_local_parts`] made.
-#[derive(Default)]
+/// What [`Runtime::make_local_parts`] made (its undos are in its journal).
 struct LocalParts {
+    files: pod_files::PodFiles,
     shm: Option<PathBuf>,
     init: Option<ProcessRef>,
-}
-
-impl Partial {
-    fn undo(&self) {
-        if let Some(init) = &self.init {
-            pod_init::kill(init);
-        }
-        if let Some(shm) = &self.shm
-            && let Err(e) = shm::unmount_shm(shm)
-        {
-            tracing::warn!(error = %e, "undo: cannot unmount pod shm");
-        }
-        if let Some(ns) = &self.ns_dir
-            && let Err(e) = berth_net::unpin_all(ns)
-        {
-            tracing::warn!(error = %e, "undo: cannot unpin pod namespaces");
-        }
-        if let Some(dir) = &self.dir
-            && let Err(e) = remove_dir_all(dir)
-        {
-            tracing::warn!(error = %e, "undo: cannot remove pod directory");
-        }
-    }
 }
 
 impl<S: Shim + 'static> Runtime<S> {
@@ -164,17 +131,19 @@ impl<S: Shim + 'static> Runtime<S> {
         sysctls: Vec<(String, String)>,
         ns: NamespaceOption,
     ) -> Result<()> {
-        let mut partial = Partial::default();
+        let mut journal = Journal::new(id.clone());
         let t0 = std::time::Instant::now();
-        match self.build_sandbox(&id, name, handler, config, sysctls, ns, &mut partial).await {
+        let built = self.build_sandbox(&id, name, handler, config, sysctls, ns, &mut journal).await;
+        let t_build = t0.elapsed();
+        let status = SandboxStatus { state: SandboxState::Ready };
+        // The record last: a crash before it leaves nothing a record owns (see `repair`).
+        let stored = built.and_then(|meta| {
+            crate::blocking(|| self.store.create_sandbox(&meta, &status))?;
+            Ok(meta)
+        });
+        match stored {
             Ok(meta) => {
-                let t_build = t0.elapsed();
-                let status = SandboxStatus { state: SandboxState::Ready };
-                if let Err(e) = crate::blocking(|| self.store.create_sandbox(&meta, &status)) {
-                    self.undo_network(&id, &partial).await;
-                    partial.undo();
-                    return Err(e);
-                }
+                journal.commit();
                 tracing::debug!(pod_id = %id, build = ?t_build, total = ?t0.elapsed(), "run timings");
                 tracing::info!(pod_id = %id, name = %meta.name, "pod sandbox ready");
                 self.insert_sandbox(SandboxEntry::new(meta, status));
@@ -182,38 +151,29 @@ impl<S: Shim + 'static> Runtime<S> {
                 Ok(())
             }
             Err(e) => {
-                self.undo_network(&id, &partial).await;
-                partial.undo();
+                journal.rollback().await;
                 Err(e)
             }
         }
     }
 
-    /// Tears down a half-made pod's network (before its netns is unpinned).
-    async fn undo_network(&self, id: &str, partial: &Partial) {
-        if let Some(netns) = &partial.network
-            && let Err(e) = self.teardown_pod_network(id, Some(netns)).await
-        {
-            tracing::warn!(pod_id = %id, error = %e, "undo: cannot tear down pod network");
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
-    async fn build_sandbox(
-        &self,
+    async fn build_sandbox<'a>(
+        &'a self,
         id: &str,
         name: String,
         handler: String,
         config: PodSandboxConfig,
         sysctls: Vec<(String, String)>,
         ns: NamespaceOption,
-        partial: &mut Partial,
+        journal: &mut Journal<'a>,
     ) -> Result<SandboxMeta> {
         let host_network = ns.network == NamespaceMode::Node as i32;
         let host_ipc = ns.ipc == NamespaceMode::Node as i32;
         let dir = self.config.state_dir.join("pods").join(id);
         std::fs::create_dir_all(&dir).map_err(RuntimeError::io("create directory", &dir))?;
-        partial.dir = Some(dir.clone());
+        let undo_dir = dir.clone();
+        journal.push("pod directory", move || async move { remove_dir_all(&undo_dir) });
 
         let hostname = if host_network {
             nix::unistd::gethostname()
@@ -233,7 +193,14 @@ impl<S: Shim + 'static> Runtime<S> {
             kinds.push(NamespaceKind::Ipc);
         }
         let ns_dir = dir.join("ns");
-        partial.ns_dir = Some(ns_dir.clone());
+        // Before pinning: a pin that fails halfway leaves the others pinned. (A pod that
+        // shares all of the host's namespaces pins none.)
+        if !kinds.is_empty() {
+            let undo_ns = ns_dir.clone();
+            journal.push("namespace pins", move || async move {
+                berth_net::unpin_all(&undo_ns).map_err(RuntimeError::Net)
+            });
+        }
         let request = PinRequest { dir: ns_dir, kinds, hostname: hostname.clone() };
         let t0 = std::time::Instant::now();
         let pinned = tokio::task::spawn_blocking(move || berth_net::pin_namespaces(&request))
@@ -244,8 +211,17 @@ impl<S: Shim + 'static> Runtime<S> {
 
         // The network (netlink, IPAM) and the pod's own pieces (files, shm, pod init: an
         // exec) wait on different things, so they are made at the same time.
-        // Host-network pods have no netns of their own and get no pod network.
-        partial.network = pinned.net.clone();
+        // Host-network pods have no netns of their own and get no pod network. Each side
+        // journals what it makes; a failure of either undoes both (the network first, as
+        // it lives in the pinned netns).
+        let mut network_journal = Journal::new(id);
+        if let Some(netns) = pinned.net.clone() {
+            // Before the setup: one that fails halfway has made something to tear down.
+            let pod_id = id.to_owned();
+            network_journal.push("pod network", move || async move {
+                self.teardown_pod_network(&pod_id, Some(&netns)).await
+            });
+        }
         let network = async {
             let r = match &pinned.net {
                 Some(netns) => self.setup_pod_network(id, &config, netns).await,
@@ -253,20 +229,27 @@ impl<S: Shim + 'static> Runtime<S> {
             };
             (r, t0.elapsed())
         };
-        let mut local = LocalParts::default();
+        let mut local_journal = Journal::new(id);
         let pieces = async {
             let r = self
-                .make_local_parts(&dir, &hostname, host_network, host_ipc, &config, &ns, &mut local)
+                .make_local_parts(
+                    &dir,
+                    &hostname,
+                    host_network,
+                    host_ipc,
+                    &config,
+                    &ns,
+                    &mut local_journal,
+                )
                 .await;
             (r, t0.elapsed())
         };
         let ((network, t_network), (pieces, t_local)) = tokio::join!(network, pieces);
         tracing::debug!(pod_id = %id, pins = ?t_pins, network = ?t_network, local = ?t_local, "pod setup timings");
-        partial.shm = local.shm.clone();
-        partial.init = local.init;
+        journal.append(local_journal);
+        journal.append(network_journal);
         network?;
-        let files = pieces?;
-        let (shm_dir, pod_init) = (local.shm, local.init);
+        let LocalParts { files, shm: shm_dir, init: pod_init } = pieces?;
 
         let kubelet_parent =
             config.linux.as_ref().map(|l| l.cgroup_parent.clone()).unwrap_or_default();
@@ -300,9 +283,9 @@ impl<S: Shim + 'static> Runtime<S> {
     }
 
     /// The pod's files, its shm mount and, for a pod-wide PID namespace, its init process;
-    /// what was made lands in `made` even when a later step fails, for the undo.
+    /// the undo of what was made lands in `journal` even when a later step fails.
     #[allow(clippy::too_many_arguments)]
-    async fn make_local_parts(
+    async fn make_local_parts<'a>(
         &self,
         dir: &Path,
         hostname: &str,
@@ -310,18 +293,25 @@ impl<S: Shim + 'static> Runtime<S> {
         host_ipc: bool,
         config: &PodSandboxConfig,
         ns: &NamespaceOption,
-        made: &mut LocalParts,
-    ) -> Result<pod_files::PodFiles> {
+        journal: &mut Journal<'a>,
+    ) -> Result<LocalParts> {
+        // The files live in the pod directory, whose undo removes them.
         let files = pod_files::write(dir, hostname, host_network, config.dns_config.as_ref())?;
+        let mut shm = None;
         if !host_ipc {
             let target = dir.join("shm");
             shm::mount_shm(&target)?;
-            made.shm = Some(target);
+            let undo = target.clone();
+            journal.push("pod shm", move || async move { shm::unmount_shm(&undo) });
+            shm = Some(target);
         }
+        let mut init = None;
         if ns.pid == NamespaceMode::Pod as i32 {
-            made.init = Some(pod_init::start(&self.config.pod_init_program, dir).await?);
+            let process = pod_init::start(&self.config.pod_init_program, dir).await?;
+            journal.push_infallible("pod init", move || pod_init::kill(&process));
+            init = Some(process);
         }
-        Ok(files)
+        Ok(LocalParts { files, shm, init })
     }
 
     /// StopPodSandbox: kills every container of the pod, the pod init, and unmounts the
@@ -404,7 +394,7 @@ impl<S: Shim + 'static> Runtime<S> {
         }
         remove_dir_all(&meta.dir)?;
         if meta.owns_cgroup {
-            cgroups::remove(&meta.cgroup_parent);
+            cgroups::remove(&self.config.cgroup_root, &meta.cgroup_parent);
         }
         crate::blocking(|| self.store.delete_sandbox(&meta.id))?;
         self.forget_sandbox(&meta.id);

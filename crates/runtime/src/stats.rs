@@ -20,20 +20,20 @@ fn value(v: u64) -> Option<UInt64Value> {
 
 impl<S: Shim + 'static> Runtime<S> {
     fn cpu(&self, cgroups_path: &str, ts: i64) -> Option<CpuUsage> {
-        cgroups::cpu_usage_ns(cgroups_path, self.cgroup_v2).map(|ns| CpuUsage {
-            timestamp: ts,
-            usage_core_nano_seconds: value(ns),
-            usage_nano_cores: None,
+        cgroups::cpu_usage_ns(&self.config.cgroup_root, cgroups_path, self.cgroup_v2).map(|ns| {
+            CpuUsage { timestamp: ts, usage_core_nano_seconds: value(ns), usage_nano_cores: None }
         })
     }
 
     fn memory(&self, cgroups_path: &str, ts: i64) -> Option<MemoryUsage> {
-        cgroups::memory_usage(cgroups_path, self.cgroup_v2).map(|(usage, ws)| MemoryUsage {
-            timestamp: ts,
-            working_set_bytes: value(ws),
-            usage_bytes: value(usage),
-            ..Default::default()
-        })
+        cgroups::memory_usage(&self.config.cgroup_root, cgroups_path, self.cgroup_v2).map(
+            |(usage, ws)| MemoryUsage {
+                timestamp: ts,
+                working_set_bytes: value(ws),
+                usage_bytes: value(usage),
+                ..Default::default()
+            },
+        )
     }
 
     fn stats_of(&self, entry: &ContainerEntry) -> ContainerStats {

@@ -228,8 +228,9 @@ impl EmbeddedShim {
         let before = Instant::now();
         let child = spawn(&mut cmd)
             .map_err(|source| ShimError::Spawn { program: t.runtime.clone(), source })?;
-        // From here on each failure cleans up after the runtime (see `abandon`).
+        // From here on a failure cleans up after the runtime too: the undo does.
         made_dir.keep();
+        let mut undo = CreateUndo::new(&runtime, &id, &dir);
         // Close our copies of the write ends: from now on only the container holds them, so
         // the copiers see EOF when it (and its children) are gone.
         drop(cmd);
@@ -242,6 +243,7 @@ impl EmbeddedShim {
                 tokio::spawn(copy_stream(rx, stream, log.clone(), Some(output.clone())))
             })
             .collect();
+        undo.copiers.extend(copiers.iter().map(JoinHandle::abort_handle));
 
         let reaped = match wait_or_kill(
             reaper,
@@ -253,28 +255,20 @@ impl EmbeddedShim {
         .await
         {
             Ok(r) => r,
-            Err(e) => {
-                abandon(&runtime, &id, &dir, &copiers).await;
-                return Err(e);
-            }
+            Err(e) => return Err(undo.fail(e).await),
         };
         if reaped.code != 0 {
-            copiers.iter().for_each(|h| h.abort());
             let text = std::fs::read_to_string(&create_log).unwrap_or_default();
             let err = runtime.failed(sub, &id, reaped.code, &text);
             // Clean up a half-created container, but never one that existed before us.
-            if !text.contains("already exists") {
-                let _ = runtime_delete(&runtime, &id).await;
-                remove_dir(&dir);
+            if text.contains("already exists") {
+                undo.not_ours();
             }
-            return Err(err);
+            return Err(undo.fail(err).await);
         }
         let pid = match read_pid_file(&pid_file) {
             Ok(pid) => pid,
-            Err(e) => {
-                abandon(&runtime, &id, &dir, &copiers).await;
-                return Err(e);
-            }
+            Err(e) => return Err(undo.fail(e).await),
         };
         let mut pty = None;
         if let Some(console) = &console {
@@ -289,16 +283,17 @@ impl EmbeddedShim {
             match master {
                 // Without a log file the output is still read (and dropped), or the
                 // container would block once the pty buffer fills.
-                Ok(rx) => copiers.push(tokio::spawn(copy_stream(
-                    rx,
-                    Stream::Stdout,
-                    log.clone(),
-                    Some(output.clone()),
-                ))),
-                Err(e) => {
-                    abandon(&runtime, &id, &dir, &copiers).await;
-                    return Err(e);
+                Ok(rx) => {
+                    let copier = tokio::spawn(copy_stream(
+                        rx,
+                        Stream::Stdout,
+                        log.clone(),
+                        Some(output.clone()),
+                    ));
+                    undo.copiers.push(copier.abort_handle());
+                    copiers.push(copier);
                 }
+                Err(e) => return Err(undo.fail(e).await),
             }
         }
         // The init was created after `before`, so an older unclaimed exit of the same PID is
@@ -319,14 +314,15 @@ impl EmbeddedShim {
             };
             if let Err(e) = adopt::write(&dir, &rec) {
                 // Without it a restarted berthd could neither drive nor watch the task.
-                abandon(&runtime, &id, &dir, &copiers).await;
-                return Err(e);
+                return Err(undo.fail(e).await);
             }
             Some(rec)
         } else {
             None
         };
 
+        // Nothing fails from here on: the task is made.
+        undo.commit();
         let mut background: Vec<_> = copiers.iter().map(|h| h.abort_handle()).collect();
         let oom = t
             .memory_cgroup
@@ -535,13 +531,64 @@ impl Drop for MadeDir {
     }
 }
 
-/// Undoes a failed create: stops the copiers, deletes the container, removes its state.
-async fn abandon(runtime: &RuntimeCmd, id: &str, dir: &Path, copiers: &[JoinHandle<()>]) {
-    copiers.iter().for_each(|h| h.abort());
-    if let Err(e) = runtime_delete(runtime, id).await {
-        tracing::warn!(id, error = %e, "cleaning up after failed create");
+/// The undo of a create once the runtime has run (the shim's small journal: the steps
+/// are fixed): stop the output copiers, `<runtime> delete` the container and remove the
+/// task's state directory. Run on failure by [`CreateUndo::fail`], disarmed by
+/// [`CreateUndo::commit`]; it is async, so dropping it armed (a panic) only logs what is
+/// left.
+struct CreateUndo<'a> {
+    runtime: &'a RuntimeCmd,
+    id: &'a str,
+    dir: &'a Path,
+    /// The copiers of the container's output, stopped first.
+    copiers: Vec<tokio::task::AbortHandle>,
+    /// Whether the runtime's container (and the state dir) are ours to remove: not when
+    /// the runtime refused because the container existed before us.
+    ours: bool,
+    armed: bool,
+}
+
+impl<'a> CreateUndo<'a> {
+    fn new(runtime: &'a RuntimeCmd, id: &'a str, dir: &'a Path) -> Self {
+        Self { runtime, id, dir, copiers: Vec::new(), ours: true, armed: true }
     }
-    remove_dir(dir);
+
+    /// The container existed before this create: leave it and its state alone.
+    fn not_ours(&mut self) {
+        self.ours = false;
+    }
+
+    /// The create succeeded.
+    fn commit(mut self) {
+        self.armed = false;
+    }
+
+    /// The create failed with `error`: undoes it, newest step first, and returns `error`.
+    /// A failed `<runtime> delete` is logged; the container it leaves is deleted by the
+    /// runtime's startup repair (an OCI container without a record).
+    async fn fail(mut self, error: ShimError) -> ShimError {
+        self.armed = false;
+        self.copiers.iter().for_each(|h| h.abort());
+        if self.ours {
+            if let Err(e) = runtime_delete(self.runtime, self.id).await {
+                tracing::warn!(id = self.id, error = %e, "undo of a failed create: runtime delete failed; left for repair");
+            }
+            remove_dir(self.dir);
+        }
+        error
+    }
+}
+
+impl Drop for CreateUndo<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.copiers.iter().for_each(|h| h.abort());
+            tracing::error!(
+                id = self.id,
+                "create abandoned: its runtime container and state are left for repair"
+            );
+        }
+    }
 }
 
 /// Sends `signal` to the task's init ourselves when that does exactly what `<runtime> kill`

@@ -277,6 +277,9 @@ async fn create_failure_reports_runtime_error() {
         other => panic!("unexpected error {other}"),
     }
     assert!(matches!(f.shim.state(&f.id).await, Err(ShimError::NotFound { .. })));
+    // The create's undo ran: no task state, no runtime container left.
+    assert!(!f.dir.path().join("state").join(&f.id).exists(), "task dir left behind");
+    assert!(!f.runtime_root().join(&f.id).exists(), "runtime container left behind");
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
 //! Helpers for the networking integration tests: temp netns, unique names, cleanup guards.
-//! These tests need root; without it they print a note and pass.
+//! These tests need root; without it they print `SKIPPED <test>: <reason>` and pass.
 
 #![allow(dead_code)]
 
@@ -9,6 +9,16 @@ use std::process::Command;
 /// Whether we may create namespaces, bridges and nft tables.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// Says on stderr that the running test is skipped, and why: `SKIPPED <test>: <reason>`.
+/// Written to the stderr file itself, past the test harness's capture, so a `cargo test`
+/// run shows it although the test then returns as passed.
+pub fn skipped(reason: &str) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
 }
 
 /// `n` random bytes as hex.

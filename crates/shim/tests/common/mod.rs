@@ -17,9 +17,19 @@ pub fn available() -> bool {
             std::env::split_paths(&p).any(|d| d.join(RUNC).is_file())
         });
     if !ok {
-        eprintln!("skipping: needs root, runc and /bin/busybox");
+        report_skip("needs root, runc and /bin/busybox");
     }
     ok
+}
+
+/// Says on stderr that the running test is skipped, and why: `SKIPPED <test>: <reason>`.
+/// Written to the stderr file itself, past the test harness's capture, so a `cargo test`
+/// run shows it although the test then returns as passed.
+pub fn report_skip(reason: &str) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
 }
 
 /// Writes `<bundle>/config.json` and a busybox rootfs (with `/tmp`) running `args`.
