@@ -572,3 +572,124 @@ async fn attach_survives_a_berthd_restart_with_the_external_shim() -> Result<()>
     env.remove_pod(&pod).await?;
     Ok(())
 }
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it, made by openssl in `dir`:
+/// (CA certificate, server certificate, server key).
+fn test_certificates(
+    dir: &std::path::Path,
+) -> Result<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    let p = |name: &str| dir.join(name);
+    let run = |args: &[&str]| -> Result<()> {
+        let status = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "openssl {args:?} failed");
+        Ok(())
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=berth-test-ca"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
+    run(&ca)?;
+    let mut csr = vec!["req", "-new", "-subj", "/CN=127.0.0.1"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    run(&csr)?;
+    std::fs::write(
+        p("server.ext"),
+        "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.crt",
+    ])?;
+    Ok((p("ca.crt"), p("server.crt"), p("server.key")))
+}
+
+/// With `[stream] tls_cert_file`/`tls_key_file` the URLs are https:// and the server speaks
+/// only TLS: an exec works over wss:// for a client that trusts the certificate, and a
+/// plain-HTTP request gets no answer.
+#[tokio::test]
+async fn exec_over_tls_when_the_server_has_a_certificate() -> Result<()> {
+    use rustls_pki_types::pem::PemObject;
+    if skip() {
+        return Ok(());
+    }
+    if std::process::Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("SKIPPED exec_over_tls_when_the_server_has_a_certificate: no openssl");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (ca, cert, key) = test_certificates(dir.path())?;
+    let mut env = Env::start_with(berth_e2e::Options {
+        extra_toml: format!(
+            "[stream]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+        ..Default::default()
+    })
+    .await?;
+    let (pod, ctr) = sleeper(&mut env, "tls").await?;
+    let mut req = exec_req(&ctr, &["/bin/echo", "tls-hi"]);
+    req.stdin = false;
+    let url = exec_url(&mut env, req).await?;
+    anyhow::ensure!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let authority = url.trim_start_matches("https://").split('/').next().context("host")?;
+
+    // Plain HTTP on the TLS port: no HTTP answer.
+    let mut plain = TcpStream::connect(authority).await?;
+    plain.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut buf)).await;
+    anyhow::ensure!(!buf.starts_with(b"HTTP/1.1"), "plain HTTP answered over the TLS port");
+
+    // A client trusting the certificate.
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from_pem_file(&ca)?)?;
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = TcpStream::connect(authority).await?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
+    let tls = connector.connect(name, tcp).await?;
+    let mut ws_req = url.replacen("https://", "wss://", 1).into_client_request()?;
+    ws_req.headers_mut().insert("Sec-WebSocket-Protocol", "v5.channel.k8s.io".parse()?);
+    let (mut ws, _) = client_async(ws_req, tls).await?;
+    let mut got: HashMap<u8, Vec<u8>> = HashMap::new();
+    let read = async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Binary(b)) if !b.is_empty() => {
+                    got.entry(b[0]).or_default().extend_from_slice(&b[1..])
+                }
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read).await.context("session did not end")?;
+    assert_eq!(text(&got, 1), "tls-hi\n");
+    assert_eq!(text(&got, 3), r#"{"metadata":{},"status":"Success"}"#);
+    env.remove_pod(&pod).await?;
+    Ok(())
+}

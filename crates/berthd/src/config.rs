@@ -101,11 +101,30 @@ pub struct StreamSection {
     pub address: String,
     /// TCP port; 0 picks a free one at each start.
     pub port: u16,
+    /// PEM certificate chain for TLS; with `tls_key_file` the server speaks only TLS and
+    /// its URLs are `https://`. Empty: plain HTTP.
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of `tls_cert_file`'s leaf.
+    pub tls_key_file: PathBuf,
 }
 
 impl Default for StreamSection {
     fn default() -> Self {
-        Self { address: "127.0.0.1".to_string(), port: 0 }
+        Self {
+            address: "127.0.0.1".to_string(),
+            port: 0,
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+        }
+    }
+}
+
+impl StreamSection {
+    /// The TLS files, when both are set.
+    pub fn tls(&self) -> Option<berth_stream::TlsFiles> {
+        let (cert, key) = (&self.tls_cert_file, &self.tls_key_file);
+        (!cert.as_os_str().is_empty() && !key.as_os_str().is_empty())
+            .then(|| berth_stream::TlsFiles { cert: cert.clone(), key: key.clone() })
     }
 }
 
@@ -197,6 +216,11 @@ impl Config {
         anyhow::ensure!(
             self.runtime.cgroup_parent.starts_with('/'),
             "runtime.cgroup_parent must start with /"
+        );
+        anyhow::ensure!(
+            self.stream.tls_cert_file.as_os_str().is_empty()
+                == self.stream.tls_key_file.as_os_str().is_empty(),
+            "stream.tls_cert_file and stream.tls_key_file go together"
         );
         self.network.validate().context("invalid [network] section")?;
         for (host, endpoints) in &self.registry.mirrors {

@@ -143,6 +143,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &berth_stream::StreamConfig {
             address: config.stream.address.clone(),
             port: config.stream.port,
+            tls: config.stream.tls(),
         },
         runtime.clone(),
     )

@@ -24,6 +24,14 @@ pub enum StreamError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS certificate or key of the streaming server cannot be used.
+    #[error("streaming server TLS: {path}: {reason}")]
+    Tls {
+        /// The certificate or key file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The runtime refused (no such container, not running, ...).
     #[error(transparent)]
     Runtime(#[from] berth_runtime::RuntimeError),

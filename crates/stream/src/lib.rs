@@ -17,5 +17,5 @@ mod token;
 mod ws;
 
 pub use error::StreamError;
-pub use server::{StreamConfig, StreamServer};
+pub use server::{StreamConfig, StreamServer, TlsFiles};
 pub use token::{Request, Tokens};

@@ -54,6 +54,47 @@ pub struct StreamConfig {
     pub address: String,
     /// TCP port; 0 picks a free one.
     pub port: u16,
+    /// PEM certificate chain and private key: with both, the server speaks TLS only and its
+    /// URLs are `https://` (as containerd's `enable_tls_streaming`); `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The streaming server's certificate chain and key, PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
+}
+
+impl TlsFiles {
+    /// A TLS acceptor serving this chain and key.
+    fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, StreamError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |path: &std::path::Path, reason: String| StreamError::Tls {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let certs = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| bad(&self.cert, e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad(&self.cert, "no certificate in the file".into()));
+        }
+        let key =
+            PrivateKeyDer::from_pem_file(&self.key).map_err(|e| bad(&self.key, e.to_string()))?;
+        let provider =
+            std::sync::Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&self.cert, e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad(&self.cert, e.to_string()))?;
+        Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+    }
 }
 
 /// The streaming server: hands out URLs and serves them.
@@ -62,6 +103,8 @@ pub struct StreamServer {
     runtime: Arc<Runtime>,
     base_url: String,
     listener: std::sync::Mutex<Option<TcpListener>>,
+    /// Set when the server speaks TLS.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl StreamServer {
@@ -76,18 +119,22 @@ impl StreamServer {
             .address
             .parse()
             .map_err(|e| bind_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        // A certificate that cannot be used is an error before anything listens.
+        let tls = config.tls.as_ref().map(TlsFiles::acceptor).transpose()?;
         let listener =
             TcpListener::bind(SocketAddr::new(ip, config.port)).await.map_err(bind_err)?;
         let bound = listener.local_addr().map_err(bind_err)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         Ok(Arc::new(StreamServer {
             tokens: Tokens::default(),
             runtime,
-            base_url: format!("http://{bound}"),
+            base_url: format!("{scheme}://{bound}"),
             listener: std::sync::Mutex::new(Some(listener)),
+            tls,
         }))
     }
 
-    /// `http://<address>:<port>` as bound.
+    /// `http://<address>:<port>` (`https://` with TLS) as bound.
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
@@ -119,17 +166,31 @@ impl StreamServer {
             };
             let server = self.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let server = server.clone();
-                    async move { Ok::<_, Infallible>(server.handle(req)) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .with_upgrades();
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, error = %e, "streaming connection ended");
+                match server.tls.clone() {
+                    None => server.serve_connection(tcp, peer).await,
+                    Some(acceptor) => match acceptor.accept(tcp).await {
+                        Ok(tls) => server.serve_connection(tls, peer).await,
+                        Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    },
                 }
             });
+        }
+    }
+
+    /// Serves HTTP/1.1 (with upgrades) on one accepted connection, plain or TLS.
+    async fn serve_connection<IO>(self: Arc<Self>, io: IO, peer: SocketAddr)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = service_fn(move |req| {
+            let server = self.clone();
+            async move { Ok::<_, Infallible>(server.handle(req)) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, error = %e, "streaming connection ended");
         }
     }
 
@@ -397,5 +458,20 @@ mod tests {
         assert_eq!(query_ports(Some("a=b&ports=1&ports=2")), Some(vec![1, 2]));
         assert_eq!(query_ports(Some("a=b")), None);
         assert_eq!(query_ports(None), None);
+    }
+
+    #[test]
+    fn unusable_tls_files_are_refused_with_their_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing =
+            TlsFiles { cert: dir.path().join("none.crt"), key: dir.path().join("none.key") };
+        assert!(
+            matches!(missing.acceptor(), Err(StreamError::Tls { path, .. }) if path == missing.cert)
+        );
+        let empty = dir.path().join("empty.crt");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let files = TlsFiles { cert: empty.clone(), key: dir.path().join("none.key") };
+        let err = files.acceptor().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("no certificate"), "{err}");
     }
 }
