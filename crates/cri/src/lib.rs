@@ -5,6 +5,9 @@
 //! [`instrument::InstrumentLayer`], not in each handler. The two list calls send the bytes the
 //! runtime keeps encoded per entry ([`RuntimeServer`]).
 
+// No unsafe code in this crate.
+#![deny(unsafe_code)]
+
 mod container;
 mod encoded_body;
 mod error;

@@ -8,6 +8,9 @@
 //! orchestrates a pull (single flight, each layer unpacked while it downloads, through the
 //! bounded channel in `tee`), `gc` collects what removed images leave behind.
 
+// No unsafe code in this crate.
+#![deny(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};

@@ -4,6 +4,9 @@
 //! the same place without threading handles through; they are cheap atomic counters, and a
 //! test process that starts several daemons still starts them as separate processes.
 
+// No unsafe code in this crate.
+#![deny(unsafe_code)]
+
 mod server;
 
 use std::sync::LazyLock;

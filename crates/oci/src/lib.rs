@@ -8,6 +8,9 @@
 //! namespaces from the pod, cgroup limits, capabilities, masked paths, seccomp, devices,
 //! sysctls. AppArmor and SELinux fields are ignored: berth applies neither.
 
+// No unsafe code in this crate.
+#![deny(unsafe_code)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -13,6 +13,9 @@
 //! `journal` (the undo journal of a create). Under test, `fake_shim` and `tests` build a
 //! whole `Runtime` on temp dirs.
 
+// Unsafe code only in the modules allowed by name below.
+#![deny(unsafe_code)]
+
 mod cgroups;
 mod container;
 mod encoded;
@@ -41,6 +44,8 @@ pub mod state;
 mod stats;
 mod store;
 mod stream;
+// unsafe: getrandom(2) for ids.
+#[allow(unsafe_code)]
 mod util;
 
 #[cfg(test)]

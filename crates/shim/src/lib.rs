@@ -13,22 +13,35 @@
 //! task records and pidfds, by which a restarted berthd adopts its tasks), `any` (the
 //! [`AnyShim`] choice).
 
+// Unsafe code only in the modules allowed by name below.
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+// unsafe: pidfd_open/pidfd_send_signal syscalls and polling the pidfd.
+#[allow(unsafe_code)]
 mod adopt;
 mod any;
 pub mod attach;
 pub mod command;
+// unsafe: takes ownership of the pty master received over SCM_RIGHTS.
+#[allow(unsafe_code)]
 mod console;
 mod embedded;
 mod error;
 mod exec;
+// unsafe: TIOCSWINSZ ioctl for tty resizes.
+#[allow(unsafe_code)]
 mod exec_stream;
 pub mod external;
 pub mod log;
+// unsafe: polls the eventfd/inotify fd it owns through tokio.
+#[allow(unsafe_code)]
 pub mod oom;
 mod pipe;
+// unsafe: waitpid(2) of any child, the one reaper.
+#[allow(unsafe_code)]
 pub mod reaper;
 mod runtime_cmd;
 mod sock_path;

@@ -20,6 +20,9 @@
 //!
 //! Everything here is blocking; async callers use `spawn_blocking`.
 
+// Unsafe code only in the modules allowed by name below.
+#![deny(unsafe_code)]
+
 mod apply;
 mod beneath;
 mod chain;
@@ -28,6 +31,8 @@ mod error;
 mod layout;
 mod lenient;
 mod merged;
+// unsafe: the new mount API syscalls (fsopen, fsconfig, fsmount).
+#[allow(unsafe_code)]
 mod overlay;
 mod pipe;
 mod unpack;

@@ -5,14 +5,23 @@
 //! SPDY/3.1 or WebSocket and speaks the Kubernetes stream protocols: `channel.k8s.io` (v1 to
 //! v5) for exec and `portforward.k8s.io` for port forwarding.
 
+// Unsafe code only in the modules allowed by name below.
+#![deny(unsafe_code)]
+
 mod attach;
 mod channel;
 mod error;
+// unsafe: fcntl(2) on fds it owns.
+#[allow(unsafe_code)]
 mod exec;
+// unsafe: setns(2) on a thread of its own.
+#[allow(unsafe_code)]
 mod netns;
 mod portforward;
 mod server;
 pub mod spdy;
+// unsafe: getrandom(2) for tokens.
+#[allow(unsafe_code)]
 mod token;
 mod ws;
 
