@@ -46,7 +46,10 @@ async fn send(ws: &mut Ws, ch: u8, data: &[u8]) -> Result<()> {
 }
 
 /// Everything received per channel until the server closes the connection.
-async fn collect(ws: &mut Ws) -> Result<HashMap<u8, Vec<u8>>> {
+async fn collect<S>(ws: &mut WebSocketStream<S>) -> Result<HashMap<u8, Vec<u8>>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut got: HashMap<u8, Vec<u8>> = HashMap::new();
     let read = async {
         while let Some(msg) = ws.next().await {
@@ -675,19 +678,7 @@ async fn exec_over_tls_when_the_server_has_a_certificate() -> Result<()> {
     let mut ws_req = url.replacen("https://", "wss://", 1).into_client_request()?;
     ws_req.headers_mut().insert("Sec-WebSocket-Protocol", "v5.channel.k8s.io".parse()?);
     let (mut ws, _) = client_async(ws_req, tls).await?;
-    let mut got: HashMap<u8, Vec<u8>> = HashMap::new();
-    let read = async {
-        while let Some(msg) = ws.next().await {
-            match msg {
-                Ok(Message::Binary(b)) if !b.is_empty() => {
-                    got.entry(b[0]).or_default().extend_from_slice(&b[1..])
-                }
-                Ok(Message::Close(_)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), read).await.context("session did not end")?;
+    let got = collect(&mut ws).await?;
     assert_eq!(text(&got, 1), "tls-hi\n");
     assert_eq!(text(&got, 3), r#"{"metadata":{},"status":"Success"}"#);
     env.remove_pod(&pod).await?;
