@@ -160,6 +160,31 @@ async fn exec_with_a_tty_sees_resizes() -> Result<()> {
     Ok(())
 }
 
+/// Closing stdin of a tty exec ends the process's input, as `^D` on a terminal does: `cat`
+/// echoes what it got and exits.
+#[tokio::test]
+async fn closing_a_tty_execs_stdin_ends_its_input() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let (pod, ctr) = sleeper(&mut env, "ttyeof").await?;
+    let mut req = exec_req(&ctr, &["/bin/sh", "-c", "cat; echo cat-ended"]);
+    req.tty = true;
+    req.stderr = false;
+    let url = exec_url(&mut env, req).await?;
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    send(&mut ws, 0, b"line\n").await?;
+    collect_until(&mut ws, |g| text(g, 1).matches("line").count() >= 2).await?;
+    // v5: close the stdin channel.
+    ws.send(Message::Binary(vec![255, 0].into())).await?;
+    let got = collect(&mut ws).await?;
+    assert!(text(&got, 1).contains("cat-ended"), "{:?}", text(&got, 1));
+    assert_eq!(text(&got, 3), r#"{"metadata":{},"status":"Success"}"#);
+    env.remove_pod(&pod).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn tokens_are_single_use_and_bound_to_their_kind() -> Result<()> {
     if skip() {
@@ -347,6 +372,50 @@ async fn attach_over_websocket_with_stdin_once() -> Result<()> {
     let req = AttachRequest { container_id: ctr.clone(), stdout: true, ..Default::default() };
     let e = env.rt.attach(req).await.expect_err("exited");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    env.remove_pod(&pod).await?;
+    Ok(())
+}
+
+/// `stdin_once` with a tty: when the first attach closes stdin, the container's input ends
+/// (the terminal's EOF), and a later attach cannot write to it.
+#[tokio::test]
+async fn attach_with_a_tty_honours_stdin_once() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let mut env = Env::start().await?;
+    let config = env.pod_config("ttyonce");
+    let pod = env.run_pod(config.clone()).await?;
+    let mut c =
+        env.container_config("cat", &["/bin/sh", "-c", "cat; echo input-ended; sleep 1000"]);
+    c.stdin = true;
+    c.stdin_once = true;
+    c.tty = true;
+    let ctr = env.run(&pod, &config, c).await?;
+    let req = AttachRequest {
+        container_id: ctr.clone(),
+        stdin: true,
+        stdout: true,
+        tty: true,
+        ..Default::default()
+    };
+    let url = env.rt.attach(req.clone()).await?.into_inner().url;
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    send(&mut ws, 0, b"first\n").await?;
+    collect_until(&mut ws, |g| text(g, 1).matches("first").count() >= 2).await?;
+    ws.send(Message::Binary(vec![255, 0].into())).await?;
+    collect_until(&mut ws, |g| text(g, 1).contains("input-ended")).await?;
+    drop(ws);
+    // The container runs on; a second attach's input goes nowhere.
+    let url = env.rt.attach(req).await?.into_inner().url;
+    let mut ws = ws_connect(&url, "v5.channel.k8s.io").await?;
+    send(&mut ws, 0, b"second\n").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(ws);
+    let log = podkit::read_log(&env.log_dir("ttyonce").join("cat/0.log"))?;
+    let all: String = log.iter().map(|(_, _, l)| l.as_str()).collect::<Vec<_>>().join("\n");
+    assert!(all.contains("input-ended"), "{all:?}");
+    assert!(!all.contains("second"), "{all:?}");
     env.remove_pod(&pod).await?;
     Ok(())
 }

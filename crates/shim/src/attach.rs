@@ -57,6 +57,9 @@ pub(crate) struct AttachIo {
     pub(crate) pty: Option<OwnedFd>,
     /// Close stdin when the first client that wrote to it is done.
     pub(crate) stdin_once: bool,
+    /// Stdin was closed for good (`stdin_once`); with a tty the pty itself stays open for
+    /// output, so this is what keeps later clients from writing to it.
+    pub(crate) stdin_closed: std::sync::atomic::AtomicBool,
     /// The container's output.
     pub(crate) output: Output,
     /// `Some` once the container exited and its output was drained.
@@ -201,6 +204,9 @@ async fn client_input(mut rd: tokio::net::unix::OwnedReadHalf, io: Arc<AttachIo>
 
 /// A writer on the container's stdin (a dup of the kept pipe end, or of the pty master).
 fn open_stdin(io: &AttachIo) -> Option<pipe::Sender> {
+    if io.stdin_closed.load(std::sync::atomic::Ordering::Acquire) {
+        return None;
+    }
     let fd = match &io.pty {
         Some(pty) => pty.try_clone().ok()?,
         None => io.stdin.lock().unwrap_or_else(|e| e.into_inner()).as_ref()?.try_clone().ok()?,
@@ -209,8 +215,22 @@ fn open_stdin(io: &AttachIo) -> Option<pipe::Sender> {
     pipe::Sender::from_owned_fd_unchecked(fd).ok()
 }
 
+/// The terminal's end-of-file character (VEOF, `^D`).
+const TTY_EOF: u8 = 0x04;
+
+/// Closes the container's stdin for good. Without a tty: the pipe's write end goes. With
+/// one, the pty master must stay (output, resizes): the container is told as a terminal
+/// would, with the EOF character, once.
 fn close_stdin(io: &AttachIo) {
     io.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if io.stdin_closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
+    if let Some(pty) = &io.pty
+        && let Err(e) = nix::unistd::write(pty, &[TTY_EOF])
+    {
+        tracing::debug!(error = %e, "cannot send EOF to the container's terminal");
+    }
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {

@@ -341,6 +341,7 @@ impl EmbeddedShim {
             stdin: stdin.clone(),
             pty,
             stdin_once: t.stdin_once,
+            stdin_closed: Default::default(),
             output,
             exit: exit_rx.clone(),
         };

@@ -88,8 +88,9 @@ async fn pump(
     sizes: SizeParser,
 ) -> Outcome {
     let pid = p.pid;
+    let tty = p.pty.is_some();
     let stdin = match (io.stdin.take(), p.stdin.take()) {
-        (Some(input), Some(fd)) => Some(tokio::spawn(copy_in(input, fd))),
+        (Some(input), Some(fd)) => Some(tokio::spawn(copy_in(input, fd, tty))),
         _ => None,
     };
     let resize = match (io.resize.take(), p.pty.as_ref().map(OwnedFd::try_clone)) {
@@ -140,7 +141,10 @@ fn nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn copy_in(mut input: InStream, fd: OwnedFd) {
+/// The terminal's end-of-file character (VEOF, `^D`), as a terminal sends it on `^D`.
+const TTY_EOF: u8 = 0x04;
+
+async fn copy_in(mut input: InStream, fd: OwnedFd, tty: bool) {
     let Ok(mut w) = nonblocking(&fd).and_then(|()| pipe::Sender::from_owned_fd_unchecked(fd))
     else {
         return;
@@ -150,7 +154,12 @@ async fn copy_in(mut input: InStream, fd: OwnedFd) {
             return;
         }
     }
-    // Dropping `w` closes the process's stdin.
+    // The client closed stdin. Without a tty, dropping `w` closes the process's stdin. A
+    // pty master stays open (output and resizes use it), so say it as a terminal does: the
+    // EOF character, which ends the process's read of an empty line.
+    if tty {
+        let _ = w.write_all(&[TTY_EOF]).await;
+    }
 }
 
 /// Copies a process output to the client (or drains it if the client did not ask for it).
