@@ -58,11 +58,7 @@ pub(crate) fn write_volatile(path: &Path, data: &[u8]) -> Result<()> {
 /// The start time of `pid` (field 22 of `/proc/<pid>/stat`, clock ticks since boot), or
 /// `None` if there is no such process. With the pid it names one process for good.
 pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces: skip past it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // After ")" come fields 3.. ; starttime is field 22, i.e. index 19 here.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    stat_fields(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?.0
 }
 
 /// `PF_EXITING` in the flags of `/proc/<pid>/stat`: the process is in `do_exit`.
@@ -70,25 +66,27 @@ const PF_EXITING: u64 = 0x4;
 
 /// Whether the process `pid` that started at `start_time` still exists and is not on its
 /// way out (a zombie, or exiting: the init of a PID namespace stays exiting while the
-/// kernel kills the rest of its namespace).
+/// kernel kills the rest of its namespace). One read of `/proc/<pid>/stat`.
 pub(crate) fn process_alive(pid: u32, start_time: Option<u64>) -> bool {
-    let Some(now) = process_start_time(pid) else { return false };
-    if start_time.is_some_and(|t| t != now) {
+    let Some(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok() else {
         return false;
+    };
+    match stat_fields(&stat) {
+        Some((Some(now), alive)) => alive && start_time.is_none_or(|t| t == now),
+        _ => false,
     }
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| stat_says_alive(&s))
-        .unwrap_or(false)
 }
 
-/// From a `/proc/<pid>/stat` text: not a zombie and not exiting. `None` if unparsable.
-fn stat_says_alive(stat: &str) -> Option<bool> {
-    // After the parenthesised command name: field 3 (state) ... field 9 (flags).
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = fields.next()?;
-    let flags: u64 = fields.nth(5)?.parse().ok()?;
-    Some(!matches!(state, "Z" | "X" | "x") && flags & PF_EXITING == 0)
+/// From a `/proc/<pid>/stat` text: the start time (field 22, clock ticks since boot) and
+/// whether the process is neither a zombie nor exiting. `None` if unparsable.
+fn stat_fields(stat: &str) -> Option<(Option<u64>, bool)> {
+    // The command name (field 2) is in parentheses and may contain spaces: skip past it.
+    // After ")" come fields 3 (state) ... 9 (flags) ... 22 (starttime).
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let state = *fields.first()?;
+    let flags: u64 = fields.get(6)?.parse().ok()?;
+    let start = fields.get(19).and_then(|v| v.parse().ok());
+    Some((start, !matches!(state, "Z" | "X" | "x") && flags & PF_EXITING == 0))
 }
 
 /// Removes a directory tree; a missing one is fine.
@@ -109,10 +107,10 @@ mod tests {
         let stat = |state: &str, flags: u64| {
             format!("42 (sh (odd) name) {state} 1 42 42 0 -1 {flags} 0 0 0 0 1 2 3 4 20 0 1 0 99")
         };
-        assert_eq!(stat_says_alive(&stat("S", 0x400100)), Some(true));
-        assert_eq!(stat_says_alive(&stat("R", 0x400104)), Some(false));
-        assert_eq!(stat_says_alive(&stat("Z", 0x400100)), Some(false));
-        assert_eq!(stat_says_alive("garbage"), None);
+        assert_eq!(stat_fields(&stat("S", 0x400100)), Some((Some(99), true)));
+        assert_eq!(stat_fields(&stat("R", 0x400104)), Some((Some(99), false)));
+        assert_eq!(stat_fields(&stat("Z", 0x400100)), Some((Some(99), false)));
+        assert_eq!(stat_fields("garbage"), None);
         // Our own process is alive.
         let me = std::process::id();
         assert!(process_alive(me, process_start_time(me)));

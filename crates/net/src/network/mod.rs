@@ -261,12 +261,9 @@ mod tests {
         NetworkManager::new(config, db, dir).unwrap()
     }
 
-    #[test]
-    fn futures_are_send() {
-        fn send<T: Send>(_: T) {}
-        let dir = tempfile::tempdir().unwrap();
-        let m = manager(dir.path(), NetworkConfig::default());
-        let pod = PodNetwork {
+    /// A pod whose network namespace does not exist.
+    fn test_pod() -> PodNetwork {
+        PodNetwork {
             pod_id: "p".into(),
             name: "n".into(),
             namespace: "ns".into(),
@@ -275,7 +272,15 @@ mod tests {
             port_mappings: vec![],
             dns: None,
             bandwidth: None,
-        };
+        }
+    }
+
+    #[test]
+    fn futures_are_send() {
+        fn send<T: Send>(_: T) {}
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager(dir.path(), NetworkConfig::default());
+        let pod = test_pod();
         send(m.setup(&pod));
         send(m.teardown("p", None));
     }
@@ -407,16 +412,7 @@ mod tests {
         let m = NetworkManager::assemble(config, bridge, fake.clone(), releasing);
         assert_eq!(m.readiness().reason, "Fake");
         assert_eq!(m.pods().unwrap(), ["a", "b"]);
-        let pod = PodNetwork {
-            pod_id: "p".into(),
-            name: "n".into(),
-            namespace: "ns".into(),
-            uid: "u".into(),
-            netns: "/nonexistent".into(),
-            port_mappings: vec![],
-            dns: None,
-            bandwidth: None,
-        };
+        let pod = test_pod();
         m.setup(&pod).await.unwrap();
         // The bridge holds nothing for "p": its teardown is a no-op, the fake's runs.
         m.teardown("p", None).await.unwrap();
